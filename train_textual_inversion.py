@@ -1,0 +1,936 @@
+#!/usr/bin/env python
+"""Textual inversion for Stable Diffusion: learn a new pseudo-word from 3-5 images.
+
+    accelerate launch train_textual_inversion.py --pretrained_model_name_or_path=<folder or hub id> \
+        --train_data_dir=./my_concept --placeholder_token="<cat-toy>" --initializer_token=toy --output_dir=out
+
+Only the placeholder vectors train (Gal et al., 2022). They live in a small `num_vectors x dim` parameter of their
+own, spliced into the frozen token embedding, so the optimizer state, the gradient and the data-parallel all-reduce
+are that size, and every other embedding row stays bit-identical to the base model. Flags, defaults and outputs
+follow diffusers' examples/textual_inversion/textual_inversion.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from templates import TEMPLATES
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("textual_inversion")
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Textual inversion: learn a new word for a concept from a few images.")
+    a = p.add_argument
+    g = "model"
+    a("--pretrained_model_name_or_path", required=True, help=f"[{g}] Diffusers pipeline folder or hub id.")
+    a("--revision", default=None, help=f"[{g}] Revision of the hub model.")
+    a("--variant", default=None, help=f"[{g}] Weight variant, e.g. fp16.")
+    a("--tokenizer_name", default=None, help=f"[{g}] Tokenizer folder or id, if not the pipeline's own.")
+    # concept
+    a("--train_data_dir", required=True, help="Folder with the 3-5 (or more) images of the concept.")
+    a("--placeholder_token", required=True, help='The new pseudo-word, e.g. "<cat-toy>". Must be new to the tokenizer.')
+    a("--initializer_token", required=True, help='A coarse word or phrase for the concept ("toy", "teddy bear").')
+    a("--num_vectors", type=int, default=1, help="Embedding vectors for the concept (<tok>, <tok>_1, ...).")
+    a("--learnable_property", default="object", help="'object' or 'style': picks the prompt templates.")
+    a("--templates", default=None, help="Text file of your own templates, one per line, {} marks the token.")
+    a("--repeats", type=int, default=100, help="How many times each image appears per epoch.")
+    a("--resolution", type=int, default=512, help="Training images are resized to resolution x resolution.")
+    a("--center_crop", action="store_true", help="Center-crop images to a square before resizing.")
+    # optimisation
+    a("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    a("--num_train_epochs", type=int, default=100, help="Used only if --max_train_steps is 0.")
+    a("--max_train_steps", type=int, default=5000, help="Total optimizer steps; overrides --num_train_epochs.")
+    a("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    a("--gradient_checkpointing", action="store_true", help="Trade compute for memory in UNet and text encoder.")
+    a("--learning_rate", type=float, default=1e-4, help="Learning rate (after warmup).")
+    a("--scale_lr", action="store_true", help="lr x gradient_accumulation_steps x train_batch_size x processes.")
+    a("--lr_scheduler", default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
+    a("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the LR schedule.")
+    a("--lr_num_cycles", type=int, default=1, help="Hard restarts for cosine_with_restarts.")
+    a("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes (0: main process).")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (on the placeholder vectors only).")
+    a("--adam_epsilon", type=float, default=1e-08)
+    a("--seed", type=int, default=None, help="Seed for a reproducible run (a random one is drawn and logged if unset).")
+    # hardware
+    a("--mixed_precision", default="no", help="no, fp16 or bf16; frozen weights run in it, the vectors stay fp32.")
+    a("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    a("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
+    a("--local_rank", type=int, default=-1, help="Ignored; accepted for torch.distributed.launch compatibility.")
+    # outputs
+    a("--output_dir", default="text-inversion-model", help="Where learned_embeds, checkpoints and logs go.")
+    a("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N every N steps.")
+    a("--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the new token.")
+    a("--no_safe_serialization", action="store_true", help="Write .bin (torch.save) instead of .safetensors.")
+    a("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint-N every N steps.")
+    a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    a("--resume_from_checkpoint", default=None, help='A checkpoint-N folder, or "latest" in --output_dir.')
+    a("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
+    a("--report_to", default="tensorboard", help='tensorboard (default), wandb, comet_ml, all, or "none".')
+    a("--validation_prompt", default=None, help="Prompt rendered every --validation_steps (use the placeholder).")
+    a("--num_validation_images", type=int, default=4)
+    a("--validation_steps", type=int, default=100)
+    # diffusers' hub flags: accepted so their command lines fail with a clear reason, not "unrecognized argument".
+    a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    a("--hub_token", default=None, help=argparse.SUPPRESS)
+    a("--hub_model_id", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate every flag; nothing here loads a model, so mistakes cost seconds, not minutes."""
+    parser = build_parser()
+    parser.error = _usage_error  # one line, not argparse's usage dump
+    args = parser.parse_args(argv)
+    problem = validate_args(args)
+    if problem:
+        _usage_error(problem)
+    return args
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate_args(args: argparse.Namespace) -> str | None:
+    """Return the first problem with the flags, as a message naming the flag, or None."""
+    positive = ["num_vectors", "repeats", "resolution", "train_batch_size", "num_train_epochs",
+                "gradient_accumulation_steps", "save_steps", "checkpointing_steps", "validation_steps",
+                "num_validation_images", "lr_num_cycles"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1 (got {getattr(args, name)})"
+    for name in ["max_train_steps", "lr_warmup_steps", "dataloader_num_workers"]:
+        if getattr(args, name) < 0:
+            return f"--{name} must be 0 or more (got {getattr(args, name)})"
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        return f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})"
+    if not args.learning_rate > 0:
+        return f"--learning_rate must be positive (got {args.learning_rate})"
+    if args.learnable_property not in TEMPLATES:
+        return f"--learnable_property must be 'object' or 'style' (got {args.learnable_property!r})"
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        return f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {args.lr_scheduler!r})"
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        return f"--mixed_precision must be no, fp16 or bf16 (got {args.mixed_precision!r})"
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        return "--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine"
+    if args.push_to_hub or args.hub_token or args.hub_model_id:
+        return "--push_to_hub is not supported: upload --output_dir yourself (e.g. `huggingface-cli upload`)"
+    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
+        return f"--placeholder_token must be one word without spaces (got {args.placeholder_token!r})"
+    if not args.initializer_token.strip():
+        return "--initializer_token is empty: give a coarse word for the concept, e.g. 'toy'"
+    if args.enable_xformers_memory_efficient_attention and not _importable("xformers"):
+        return "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`, or drop the flag"
+    if args.report_to in ("tensorboard", "all") and not _importable("tensorboard"):
+        return "--report_to tensorboard needs tensorboard: `pip install tensorboard`, or pass --report_to none"
+    return validate_paths(args)
+
+
+def validate_paths(args: argparse.Namespace) -> str | None:
+    data_dir = Path(args.train_data_dir)
+    if not data_dir.is_dir():
+        return f"--train_data_dir {data_dir} is not a folder: point it at a folder of images of the concept"
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        return f"--output_dir {args.output_dir} is a file: choose a folder"
+    if args.templates is not None:
+        try:
+            load_templates(args.templates)
+        except UsageError as e:
+            return str(e)
+    model = Path(args.pretrained_model_name_or_path).expanduser()
+    if model.exists():
+        if not (model / "model_index.json").is_file():
+            return f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder"
+    elif str(model).startswith((".", "/", "~")) or os.sep + os.sep in str(model):
+        return f"--pretrained_model_name_or_path {model} does not exist"
+    resume = args.resume_from_checkpoint
+    if resume is not None and resume != "latest" and not Path(resume).is_dir():
+        return f"--resume_from_checkpoint {resume} is not a folder: give a checkpoint-N folder or 'latest'"
+    return None
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokens and their initial vectors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def placeholder_token_names(placeholder_token: str, num_vectors: int) -> list[str]:
+    """`<tok>`, `<tok>_1`, ... `<tok>_{N-1}`: the names diffusers' load_textual_inversion gives multi-vector tokens."""
+    return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+
+
+def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int) -> list[int]:
+    """Add the placeholder token(s) to the tokenizer; return their ids, which are consecutive after the vocabulary.
+
+    A token the tokenizer already has, or an existing word ("cat" is one BPE token), is refused: adding it would
+    silently change what that word means in every prompt.
+    """
+    tokens = placeholder_token_names(placeholder_token, num_vectors)
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        pieces = tokenizer.tokenize(token)
+        if token in vocab or (len(pieces) == 1 and pieces[0] in vocab):
+            raise UsageError(
+                f"--placeholder_token {token!r} is already a word of the tokenizer; pick a new one, e.g. '<my-{token}>'"
+            )
+    first_id = len(tokenizer)
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(first_id, first_id + num_vectors)):
+        raise UsageError(f"--placeholder_token {placeholder_token!r} could not be added as {num_vectors} new tokens")
+    return ids
+
+
+def initializer_token_ids(tokenizer, initializer_token: str) -> list[int]:
+    """Token ids of the initializer word or phrase ("toy" -> 1 id, "teddy bear" -> 2 ids)."""
+    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    special = set(tokenizer.all_special_ids)
+    if not ids or any(i in special for i in ids):
+        raise UsageError(f"--initializer_token {initializer_token!r} is empty or unknown to the tokenizer; use a word")
+    return ids
+
+
+def initial_vectors(embedding_weight: torch.Tensor, initializer_ids: Sequence[int], num_vectors: int) -> torch.Tensor:
+    """Start the placeholder vectors from the initializer's embeddings, float32 `[num_vectors, dim]`.
+
+    The phrase's k tokens are spread over the N vectors in order: vector i is the mean of the tokens in its share
+    `[i*k//N, ceil((i+1)*k/N))`. So N == k maps one to one, N == 1 takes the mean of the phrase, N > k repeats each
+    token over consecutive vectors ("teddy bear", N=4 -> teddy, teddy, bear, bear), N < k averages neighbours.
+    """
+    k = len(initializer_ids)
+    rows = []
+    for i in range(num_vectors):
+        start, stop = i * k // num_vectors, max(-(-(i + 1) * k // num_vectors), i * k // num_vectors + 1)
+        share = list(initializer_ids[start:stop])
+        rows.append(embedding_weight[share].float().mean(dim=0))
+    return torch.stack(rows).detach().clone()
+
+
+def expand_placeholder(text: str, placeholder_token: str, num_vectors: int) -> str:
+    """Write all N token names where the user wrote the placeholder once, as load_textual_inversion does."""
+    if num_vectors == 1:
+        return text
+    return text.replace(placeholder_token, " ".join(placeholder_token_names(placeholder_token, num_vectors)))
+
+
+class PlaceholderEmbedding(torch.nn.Module):
+    """The frozen token embedding plus a small trainable `[num_vectors, dim]` tensor for the placeholder rows.
+
+    Looking the placeholder ids up in `vectors` instead of in the big matrix is what keeps the gradient, the AdamW
+    state and the DDP all-reduce at num_vectors x dim, and the rest of the vocabulary out of the optimizer's reach.
+    """
+
+    def __init__(self, frozen: torch.nn.Embedding, first_placeholder_id: int, vectors: torch.Tensor):
+        super().__init__()
+        self.frozen = frozen.requires_grad_(False)
+        self.first_placeholder_id = first_placeholder_id
+        self.vectors = torch.nn.Parameter(vectors.float().clone())  # fp32 even when the encoder runs in fp16/bf16
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.frozen(input_ids)
+        offset = input_ids - self.first_placeholder_id
+        is_placeholder = (offset >= 0) & (offset < self.vectors.shape[0])
+        learned = self.vectors[offset.clamp(0, self.vectors.shape[0] - 1)].to(embeds.dtype)
+        # torch.where, not a data-dependent branch: no host sync and DDP always sees `vectors` used.
+        return torch.where(is_placeholder.unsqueeze(-1), learned, embeds)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The full embedding matrix with the learned rows written in, for saving a whole pipeline."""
+        weight = self.frozen.weight.detach().clone()
+        n = self.vectors.shape[0]
+        weight[self.first_placeholder_id : self.first_placeholder_id + n] = self.vectors.detach().to(weight.dtype)
+        return weight
+
+
+def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int], vectors: torch.Tensor):
+    """Grow the text encoder's vocabulary and route the placeholder ids to trainable vectors; return the module."""
+    # mean_resizing off: the new rows are overwritten just below, no need to sample them.
+    text_encoder.resize_token_embeddings(max(placeholder_token_ids) + 1, mean_resizing=False)
+    frozen = text_encoder.get_input_embeddings()
+    with torch.no_grad():  # rows a full-pipeline save will write; keep them meaningful, not random
+        frozen.weight[placeholder_token_ids] = vectors.to(frozen.weight.dtype)
+    module = PlaceholderEmbedding(frozen, placeholder_token_ids[0], vectors)
+    text_encoder.set_input_embeddings(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Templates and data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_templates(path: str | None, learnable_property: str = "object") -> list[str]:
+    """The built-in templates, or the user's file: one per line, `{}` marks the token, `#` lines are comments."""
+    if path is None:
+        return list(TEMPLATES[learnable_property])
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--templates {path}: cannot read it ({e.__class__.__name__})") from None
+    templates = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{}" not in line:
+            raise UsageError(f"--templates {path}: line {number} has no {{}} to mark the token: {line!r}")
+        templates.append(line)
+    if not templates:
+        raise UsageError(f"--templates {path} holds no templates; write one per line, e.g. 'a photo of a {{}}'")
+    return templates
+
+
+def list_image_files(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """(images, skipped): image files of the folder sorted by name; folders, hidden and other files are skipped."""
+    images, skipped = [], []
+    for path in sorted(Path(data_dir).iterdir()):
+        is_image = path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+        (images if is_image else skipped).append(path)
+    return images, skipped
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: transparency onto white, 16-bit and float scaled rather than clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image, resolution: int, center_crop: bool) -> torch.Tensor:
+    """EXIF-upright, RGB, optionally center-cropped square, resized: uint8 `[3, resolution, resolution]`."""
+    image = to_rgb(ImageOps.exif_transpose(image))
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    image = image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bool) -> torch.Tensor:
+    """Open and check every image before training starts: uint8 `[N, 3, H, W]`. A bad file is named."""
+    if not paths:
+        raise UsageError("--train_data_dir has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif): add 3-5")
+    tensors = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()  # decode now: a truncated file fails here, not at step 900
+                tensors.append(prepare_image(image, resolution, center_crop))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UsageError(f"--train_data_dir: cannot read image {path} ({e}); fix or remove it") from None
+    return torch.stack(tensors)
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from the run seed and a position (step, epoch, rank): randomness that a resume can reproduce."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class TextualInversionDataset(torch.utils.data.Dataset):
+    """Images x repeats, each with a template and a flip drawn from (seed, epoch, index).
+
+    Items are keyed by `(epoch, index)` so the same key always gives the same sample, whichever worker or process
+    draws it, and a resumed run sees exactly what the uninterrupted one would have.
+    """
+
+    def __init__(self, images: torch.Tensor, template_input_ids: torch.Tensor, repeats: int, seed: int):
+        self.images = images
+        self.template_input_ids = template_input_ids
+        self.repeats = repeats
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeats
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        rng = random.Random(derived_seed(self.seed, "item", epoch, index))
+        template = rng.randrange(len(self.template_input_ids))
+        pixels = self.images[index % len(self.images)]
+        if rng.random() < 0.5:
+            pixels = pixels.flip(-1)
+        return {
+            "pixel_values": pixels.float() / 127.5 - 1.0,
+            "input_ids": self.template_input_ids[template],
+        }
+
+
+def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
+    """Every template with the placeholder filled in, tokenized once: `[num_templates, model_max_length]`."""
+    texts = [expand_placeholder(t.format(placeholder_token), placeholder_token, num_vectors) for t in templates]
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples each process sees at each optimizer step: a pure function of the seed and the step."""
+
+    num_samples: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    num_processes: int
+    process_index: int
+    seed: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        padded = -(-self.num_samples // self.num_processes) * self.num_processes
+        return -(-padded // (self.batch_size * self.num_processes))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.batches_per_epoch // self.gradient_accumulation_steps)
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This process's micro-batches of one epoch, as dataset keys.
+
+        A seeded permutation is padded (by wrapping around) to a multiple of the process count, so every process gets
+        the same number of batches and the last, possibly short, global batch splits evenly.
+        """
+        order = list(range(self.num_samples))
+        random.Random(derived_seed(self.seed, "shuffle", epoch)).shuffle(order)
+        padded = -(-self.num_samples // self.num_processes) * self.num_processes
+        order += order[: padded - self.num_samples]
+        global_size = self.batch_size * self.num_processes
+        batches = []
+        for start in range(0, padded, global_size):
+            chunk = order[start : start + global_size]
+            share = len(chunk) // self.num_processes
+            mine = chunk[self.process_index * share : (self.process_index + 1) * share]
+            batches.append([(epoch, i) for i in mine])
+        return batches
+
+
+def iterate_steps(dataset, plan: BatchPlan, first_step: int, max_train_steps: int,
+                  num_workers: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+    """Yield `(step, micro_batches)` from `first_step` on; the last step of an epoch may have fewer micro-batches."""
+    step = first_step
+    ga = plan.gradient_accumulation_steps
+    while step < max_train_steps:
+        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        batches = plan.epoch_batches(epoch)[step_in_epoch * ga :]
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers))
+        for group_start in range(0, len(batches), ga):
+            yield step, [next(loader) for _ in batches[group_start : group_start + ga]]
+            step += 1
+            if step >= max_train_steps:
+                return
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Learning rate, checkpoints and saving
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def scaled_learning_rate(learning_rate: float, gradient_accumulation_steps: int, train_batch_size: int,
+                         num_processes: int) -> float:
+    """--scale_lr: the paper's base lr times the effective batch (5e-3 x 2 GPUs x 4 = 0.04)."""
+    return learning_rate * gradient_accumulation_steps * train_batch_size * num_processes
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete `checkpoint-N` folders, oldest first. Half-written ones (see save_checkpoint) are ignored."""
+    found = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return found
+    for path in root.iterdir():
+        suffix = path.name[len(CHECKPOINT_PREFIX) :]
+        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (path / "training_state.json").is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def checkpoints_to_remove(checkpoints: Sequence[tuple[int, Path]], total_limit: int | None) -> list[Path]:
+    """The oldest checkpoints to delete so that, with the one about to be saved, at most `total_limit` remain."""
+    if total_limit is None or len(checkpoints) < total_limit:
+        return []
+    return [path for _, path in checkpoints[: len(checkpoints) - total_limit + 1]]
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """'latest' -> newest complete checkpoint in output_dir (None if there is none); a path -> that path."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    return Path(resume_from_checkpoint)
+
+
+def embeds_filename(stem: str, safe_serialization: bool) -> str:
+    return f"{stem}.safetensors" if safe_serialization else f"{stem}.bin"
+
+
+def save_learned_embeds(vectors: torch.Tensor, placeholder_token: str, path: str | Path,
+                        safe_serialization: bool = True, metadata: dict[str, str] | None = None) -> None:
+    """Write `{placeholder_token: float32 [num_vectors, dim]}`, the format load_textual_inversion reads.
+
+    Written to a temporary name and renamed, so a crash never leaves a file that exists but does not load.
+    """
+    import safetensors.torch
+
+    path = Path(path)
+    tensors = {placeholder_token: vectors.detach().float().cpu().contiguous()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    if safe_serialization:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    else:
+        torch.save(tensors, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; results are meant to be shared
+    os.replace(tmp, path)
+
+
+def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placeholder_token: str, state: dict,
+                    training_state: dict, total_limit: int | None) -> Path:
+    """checkpoint-N: vectors, optimizer/LR-scheduler/scaler state and the run's identity; not the text encoder.
+
+    Built in a hidden folder and renamed into place, so `--resume_from_checkpoint latest` never picks a half one.
+    """
+    for old in checkpoints_to_remove(list_checkpoints(output_dir), total_limit):
+        shutil.rmtree(old)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_learned_embeds(vectors, placeholder_token, tmp / "learned_embeds.safetensors")
+    torch.save(state, tmp / "optimizer.pt")
+    (tmp / "training_state.json").write_text(json.dumps({**training_state, "step": step}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path, expected: dict) -> tuple[dict, torch.Tensor, dict]:
+    """(training_state, vectors, optimizer state) of a checkpoint, refusing one made for another concept or model."""
+    import safetensors.torch
+
+    try:
+        training_state = json.loads((path / "training_state.json").read_text())
+        vectors = next(iter(safetensors.torch.load_file(str(path / "learned_embeds.safetensors")).values()))
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    except (OSError, ValueError, StopIteration) as e:
+        raise UsageError(f"--resume_from_checkpoint {path} cannot be loaded ({e}); pick another checkpoint") from None
+    for key, value in expected.items():
+        if training_state.get(key) != value:
+            raise UsageError(f"--resume_from_checkpoint {path} was made with {key}={training_state.get(key)!r}, "
+                             f"this run has {value!r}; resume with the same settings or start a new --output_dir")
+    return training_state, vectors, state
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models and the training step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_models(args: argparse.Namespace):
+    """Scheduler, text encoder, VAE and UNet: the ordinary from_pretrained path, local folder or hub id alike."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    source = dict(revision=args.revision, variant=args.variant)
+    name = args.pretrained_model_name_or_path
+    noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **source)
+    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **source)
+    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **source)
+    return noise_scheduler, text_encoder, vae, unet
+
+
+def load_tokenizer(args: argparse.Namespace):
+    from transformers import CLIPTokenizer
+
+    if args.tokenizer_name:
+        return CLIPTokenizer.from_pretrained(args.tokenizer_name)
+    return CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
+                                         revision=args.revision)
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict, per the scheduler's prediction_type."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise UsageError(f"--pretrained_model_name_or_path: scheduler prediction_type {prediction_type!r} is not "
+                     "supported; textual inversion here trains epsilon or v_prediction models")
+
+
+def training_loss(batch: dict, text_encoder, vae, unet, noise_scheduler, generator: torch.Generator,
+                  weight_dtype: torch.dtype) -> torch.Tensor:
+    """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target."""
+    device = generator.device
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(device, weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(batch["input_ids"].to(device))[0].to(weight_dtype)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# main, step by step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    report_to = None if args.report_to == "none" else args.report_to
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
+                       project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
+
+
+def setup_logging(accelerator) -> None:
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.ERROR, force=True)
+    # Library chatter (e.g. "some weights not initialized") only from one process, and only warnings.
+    transformers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else \
+        transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else \
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def agree_on_seed(accelerator, seed: int | None) -> int:
+    """Every process must shuffle and noise alike, so an unset seed is drawn once on rank 0 and shared."""
+    from accelerate.utils import broadcast_object_list
+
+    if seed is None:
+        seed = [int.from_bytes(os.urandom(4), "little") if accelerator.is_main_process else 0]
+        seed = broadcast_object_list(seed)[0]
+    return seed
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    """Frozen weights run in the compute dtype; only the trainable vectors need fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype: torch.dtype) -> None:
+    """Freeze every model weight, move the models to the device in the compute dtype, set memory options."""
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
+    vae.eval()
+    text_encoder.train()  # CLIP has no dropout; train mode only lets gradient checkpointing engage
+    if args.gradient_checkpointing:
+        text_encoder.gradient_checkpointing_enable()
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def check_model_fits(args, vae, noise_scheduler) -> None:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}; "
+                         f"use e.g. {args.resolution // factor * factor or factor}")
+    diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def make_optimizer_and_schedule(args, embedding: PlaceholderEmbedding, learning_rate: float, max_train_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW([embedding.vectors], lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # Stepped once per optimizer step by us, not by accelerate (which would step it once per process).
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles)
+    return optimizer, lr_scheduler
+
+
+def log_run_summary(args, num_images: int, num_samples: int, plan: BatchPlan, max_train_steps: int,
+                    learning_rate: float, first_step: int, placeholder_token_ids: list[int], seed: int) -> None:
+    lines = [
+        "***** Running training *****",
+        f"  Num images = {num_images} (x {args.repeats} repeats = {num_samples} samples per epoch)",
+        f"  Num processes = {plan.num_processes}",
+        f"  Instantaneous batch size per device = {args.train_batch_size}",
+        f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
+        f"  Total batch size (w. parallel, distributed & accumulation) = "
+        f"{args.train_batch_size * plan.num_processes * args.gradient_accumulation_steps}",
+        f"  Optimizer steps per epoch = {plan.steps_per_epoch}, epochs = {math.ceil(max_train_steps / plan.steps_per_epoch)}",
+        f"  Total optimization steps = {max_train_steps} (starting at {first_step})",
+        f"  Learning rate = {learning_rate:g}" + (" (scaled by --scale_lr)" if args.scale_lr else ""),
+        f"  Placeholder token ids = {placeholder_token_ids}, seed = {seed}",
+    ]
+    logger.info("\n".join(lines))
+
+
+def run_validation(args, accelerator, tokenizer, text_encoder, vae, unet, weight_dtype, seed: int, step: int) -> None:
+    """Render --num_validation_images for the validation prompt; save a grid PNG and log it to TensorBoard."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+        unet=unet, vae=vae, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        revision=args.revision, variant=args.variant, dtype=weight_dtype)
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    prompt = expand_placeholder(args.validation_prompt, args.placeholder_token, args.num_vectors)
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    text_encoder.eval()
+    with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
+        images = pipeline(prompt, num_images_per_prompt=args.num_validation_images, num_inference_steps=25,
+                          height=args.resolution, width=args.resolution, generator=generator).images
+    text_encoder.train()
+    folder = Path(args.output_dir, "validation")
+    folder.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(folder / f"step-{step}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                      dataformats="NHWC")
+    logger.info(f"Validation images for {args.validation_prompt!r} saved to {folder / f'step-{step}.png'}")
+
+
+def image_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """A near-square grid, row by row."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, embedding) -> None:
+    """The base pipeline with the learned rows written into an ordinary embedding matrix."""
+    from diffusers import StableDiffusionPipeline
+
+    text_encoder = accelerator.unwrap_model(text_encoder)
+    merged = torch.nn.Embedding.from_pretrained(embedding.merged_weight(), freeze=True)
+    text_encoder.set_input_embeddings(merged)
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, unet=unet,
+            revision=args.revision, variant=args.variant)
+        pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
+    finally:
+        text_encoder.set_input_embeddings(embedding)
+
+
+def train(args, accelerator, dataset, plan, models, embedding, optimizer, lr_scheduler, first_step: int,
+          max_train_steps: int, seed: int, run_identity: dict, tokenizer) -> None:
+    """The loop: micro-batches -> loss -> backward (synced on the last) -> step; then logs, saves, validation."""
+    from tqdm.auto import tqdm
+
+    text_encoder, vae, unet, noise_scheduler, weight_dtype = models
+    output_dir = Path(args.output_dir)
+    safe = not args.no_safe_serialization
+    progress = tqdm(total=max_train_steps, initial=first_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    for step, micro_batches in iterate_steps(dataset, plan, first_step, max_train_steps, args.dataloader_num_workers):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(micro_batches):
+            generator = torch.Generator(accelerator.device).manual_seed(
+                derived_seed(seed, "noise", step, i, accelerator.process_index))
+            last = i == len(micro_batches) - 1
+            # Gradients of the accumulation's earlier micro-batches stay local; one all-reduce per step.
+            with accelerator.no_sync(text_encoder) if not last else _nullcontext():
+                loss = training_loss(batch, text_encoder, vae, unet, noise_scheduler, generator, weight_dtype)
+                accelerator.backward(loss / len(micro_batches))
+            step_loss += loss.detach() / len(micro_batches)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        logs = {"loss": accelerator.reduce(step_loss, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=done)
+        if accelerator.is_main_process:
+            if done % args.save_steps == 0:
+                save_learned_embeds(embedding.vectors, args.placeholder_token,
+                                    output_dir / embeds_filename(f"learned_embeds-steps-{done}", safe), safe)
+            if done % args.checkpointing_steps == 0:
+                state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
+                path = save_checkpoint(output_dir, done, embedding.vectors, args.placeholder_token, state,
+                                       {**run_identity, "seed": seed}, args.checkpoints_total_limit)
+                logger.info(f"Saved {path}")
+            if args.validation_prompt and done % args.validation_steps == 0:
+                run_validation(args, accelerator, tokenizer, text_encoder, vae, unet, weight_dtype, seed, done)
+    progress.close()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def main(args: argparse.Namespace) -> None:
+    from accelerate.utils import set_seed
+
+    # 1. Processes, logging and the run's seed.
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator)
+    logger.info(accelerator.state)
+    output_dir = Path(args.output_dir)
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
+                    "pretrained_model_name_or_path": args.pretrained_model_name_or_path}
+    resumed = load_checkpoint(resume_path, run_identity) if resume_path else None
+    seed = resumed[0]["seed"] if resumed else agree_on_seed(accelerator, args.seed)
+    set_seed(seed)
+
+    # 2. Tokens, templates and images: all the user's input is checked before the big models load.
+    tokenizer = load_tokenizer(args)
+    placeholder_token_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
+    initializer_ids = initializer_token_ids(tokenizer, args.initializer_token)
+    templates = load_templates(args.templates, args.learnable_property)
+    image_paths, skipped = list_image_files(args.train_data_dir)
+    if skipped:
+        logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
+    images = load_training_images(image_paths, args.resolution, args.center_crop)
+
+    # 3. Frozen models; the placeholder rows become the only trainable tensor.
+    noise_scheduler, text_encoder, vae, unet = load_models(args)
+    check_model_fits(args, vae, noise_scheduler)
+    vectors = initial_vectors(text_encoder.get_input_embeddings().weight, initializer_ids, args.num_vectors)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype)
+    # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
+    embedding = install_placeholder_embedding(text_encoder, placeholder_token_ids, vectors.to(accelerator.device))
+
+    # 4. Data plan, learning rate, optimizer; only the text encoder (holding the vectors) goes under DDP.
+    dataset = TextualInversionDataset(
+        images, tokenize_templates(tokenizer, templates, args.placeholder_token, args.num_vectors), args.repeats, seed)
+    plan = BatchPlan(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
+                     accelerator.num_processes, accelerator.process_index, seed)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate = scaled_learning_rate(learning_rate, args.gradient_accumulation_steps,
+                                             args.train_batch_size, accelerator.num_processes)
+    optimizer, lr_scheduler = make_optimizer_and_schedule(args, embedding, learning_rate, max_train_steps)
+    text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+
+    # 5. Resume: vectors, optimizer, schedule and step; the data and noise follow from (seed, step).
+    first_step = 0
+    if resumed:
+        training_state, saved_vectors, state = resumed
+        with torch.no_grad():
+            embedding.vectors.copy_(saved_vectors.to(embedding.vectors.device))
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        first_step = min(training_state["step"], max_train_steps)
+        logger.info(f"Resuming from {resume_path} at step {first_step}")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info(f"No checkpoint in {output_dir}; starting a new run")
+
+    # 6. Train.
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers("textual_inversion", config=tracker_config(args))
+    log_run_summary(args, len(images), len(dataset), plan, max_train_steps, learning_rate, first_step,
+                    placeholder_token_ids, seed)
+    train(args, accelerator, dataset, plan, (text_encoder, vae, unet, noise_scheduler, weight_dtype), embedding,
+          optimizer, lr_scheduler, first_step, max_train_steps, seed, run_identity, tokenizer)
+
+    # 7. Results, written once.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        safe = not args.no_safe_serialization
+        final_path = output_dir / embeds_filename("learned_embeds", safe)
+        save_learned_embeds(embedding.vectors, args.placeholder_token, final_path, safe,
+                            metadata={"step": str(max_train_steps), "initializer_token": args.initializer_token,
+                                      "base_model": args.pretrained_model_name_or_path, "version": __version__})
+        if args.save_as_full_pipeline:
+            save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, embedding)
+        logger.info(f"Saved {final_path}")
+    accelerator.end_training()
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """TensorBoard's hparams take only scalars and strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        main(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
