@@ -782,13 +782,14 @@ def save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, em
 
 
 def train(args, accelerator, dataset, plan, models, embedding, optimizer, lr_scheduler, first_step: int,
-          max_train_steps: int, seed: int, run_identity: dict, tokenizer) -> None:
+          max_train_steps: int, seed: int, run_identity: dict, tokenizer) -> list[dict[str, float]]:
     """The loop: micro-batches -> loss -> backward (synced on the last) -> step; then logs, saves, validation."""
     from tqdm.auto import tqdm
 
     text_encoder, vae, unet, noise_scheduler, weight_dtype = models
     output_dir = Path(args.output_dir)
     safe = not args.no_safe_serialization
+    history = []
     progress = tqdm(total=max_train_steps, initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     for step, micro_batches in iterate_steps(dataset, plan, first_step, max_train_steps, args.dataloader_num_workers):
@@ -811,6 +812,7 @@ def train(args, accelerator, dataset, plan, models, embedding, optimizer, lr_sch
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
         accelerator.log(logs, step=done)
+        history.append(logs)
         if accelerator.is_main_process:
             if done % args.save_steps == 0:
                 save_learned_embeds(embedding.vectors, args.placeholder_token,
@@ -824,6 +826,7 @@ def train(args, accelerator, dataset, plan, models, embedding, optimizer, lr_sch
             if args.validation_prompt and done % args.validation_steps == 0:
                 run_validation(args, accelerator, tokenizer, text_encoder, vae, unet, weight_dtype, seed, done)
     progress.close()
+    return history
 
 
 def _nullcontext():
@@ -832,7 +835,20 @@ def _nullcontext():
     return contextlib.nullcontext()
 
 
-def main(args: argparse.Namespace) -> None:
+@dataclass
+class TrainResult:
+    """What a run did, for callers and tests: `main` is also a library function."""
+
+    vectors: torch.Tensor  # final placeholder vectors, float32 [num_vectors, dim], on the CPU
+    placeholder_token_ids: list[int]
+    learning_rate: float
+    num_processes: int
+    first_step: int
+    history: list[dict[str, float]]  # per optimizer step: loss (mean over processes) and lr
+    output_path: Path
+
+
+def main(args: argparse.Namespace) -> TrainResult:
     from accelerate.utils import set_seed
 
     # 1. Processes, logging and the run's seed.
@@ -900,21 +916,29 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
     log_run_summary(args, len(images), len(dataset), plan, max_train_steps, learning_rate, first_step,
                     placeholder_token_ids, seed)
-    train(args, accelerator, dataset, plan, (text_encoder, vae, unet, noise_scheduler, weight_dtype), embedding,
-          optimizer, lr_scheduler, first_step, max_train_steps, seed, run_identity, tokenizer)
+    history = train(args, accelerator, dataset, plan, (text_encoder, vae, unet, noise_scheduler, weight_dtype),
+                    embedding, optimizer, lr_scheduler, first_step, max_train_steps, seed, run_identity, tokenizer)
 
     # 7. Results, written once.
     accelerator.wait_for_everyone()
+    final_path = output_dir / embeds_filename("learned_embeds", not args.no_safe_serialization)
     if accelerator.is_main_process:
-        safe = not args.no_safe_serialization
-        final_path = output_dir / embeds_filename("learned_embeds", safe)
-        save_learned_embeds(embedding.vectors, args.placeholder_token, final_path, safe,
-                            metadata={"step": str(max_train_steps), "initializer_token": args.initializer_token,
-                                      "base_model": args.pretrained_model_name_or_path, "version": __version__})
-        if args.save_as_full_pipeline:
-            save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, embedding)
-        logger.info(f"Saved {final_path}")
+        save_results(args, accelerator, final_path, tokenizer, text_encoder, vae, unet, embedding, max_train_steps)
     accelerator.end_training()
+    return TrainResult(embedding.vectors.detach().float().cpu().clone(), placeholder_token_ids, learning_rate,
+                       accelerator.num_processes, first_step, history, final_path)
+
+
+def save_results(args, accelerator, final_path: Path, tokenizer, text_encoder, vae, unet, embedding,
+                 step: int) -> None:
+    metadata = {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
+                "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
+                "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
+    save_learned_embeds(embedding.vectors, args.placeholder_token, final_path, not args.no_safe_serialization,
+                        metadata)
+    if args.save_as_full_pipeline:
+        save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, embedding)
+    logger.info(f"Saved {final_path}")
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny SD pipeline (real CLIP tokenizer, random weights) and a small concept folder, built once."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+import train_textual_inversion as tti  # noqa: E402
+from make_tiny_pipeline import build_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A tiny SD-1.x pipeline folder (epsilon prediction); treat as read-only."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_pipeline):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+
+
+@pytest.fixture
+def tokenizer(tiny_pipeline):
+    """A fresh tokenizer per test: adding tokens mutates it."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+
+
+@pytest.fixture
+def concept_dir(tmp_path) -> Path:
+    """A copy of the example concept images, safe to add files to."""
+    folder = tmp_path / "concept"
+    shutil.copytree(ROOT / "examples" / "concept", folder)
+    return folder
+
+
+def train_argv(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A fast, deterministic command line for the tiny pipeline; `extra` overrides earlier flags."""
+    return [
+        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data),
+        "--placeholder_token", "<cat-toy>", "--initializer_token", "toy", "--output_dir", str(out),
+        "--resolution", "32", "--train_batch_size", "2", "--repeats", "2", "--max_train_steps", "4",
+        "--learning_rate", "5e-2", "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run must start from a clean slate."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def run_training(tiny_pipeline, concept_dir, tmp_path):
+    """Run main() in-process; returns its TrainResult (`.output_path.parent` is the output folder)."""
+
+    def run(*extra: str, out: Path | None = None) -> tti.TrainResult:
+        return tti.main(tti.parse_args(train_argv(tiny_pipeline, concept_dir, out or tmp_path / "out", *extra)))
+
+    return run

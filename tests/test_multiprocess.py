@@ -1,0 +1,46 @@
+"""Real `accelerate launch` runs: the CLI end to end, and two CPU ranks of data-parallel training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, train_argv
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+
+
+def launch(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_through_accelerate_launch(tiny_pipeline, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    launch([*ACCELERATE, "--cpu", "--num_processes", "1", "train_textual_inversion.py",
+            *train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "2")])
+    vectors = load_file(out / "learned_embeds.safetensors")["<cat-toy>"]
+    assert vectors.shape == (1, 32) and torch.isfinite(vectors).all()
+
+
+def test_two_ranks_sync_only_the_vectors_and_agree(tiny_pipeline, concept_dir, tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
+            *train_argv(tiny_pipeline, concept_dir, out, "--num_vectors", "2", "--scale_lr", "--max_train_steps", "3",
+                        "--learning_rate", "1e-3")],
+           ACCELERATE_USE_CPU="1")
+    rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert rank0["num_processes"] == rank1["num_processes"] == 2  # not two world-size-1 runs
+    assert rank0["learning_rate"] == rank1["learning_rate"] == 1e-3 * 1 * 2 * 2  # x accumulation x batch x processes
+    assert torch.equal(rank0["vectors"], rank1["vectors"])
+    assert rank0["synced_numels"] == [2 * 32] * 3  # one all-reduce per step, num_vectors x dim values
+    assert rank0["history"] == rank1["history"]  # the logged loss is the mean over ranks
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")["<cat-toy>"], rank0["vectors"])
