@@ -153,6 +153,11 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return "--push_to_hub is not supported: upload --output_dir yourself (e.g. `huggingface-cli upload`)"
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         return f"--placeholder_token must be one word without spaces (got {args.placeholder_token!r})"
+    if args.placeholder_token != args.placeholder_token.lower():
+        # CLIP lowercases prompts, so "<Cat-Toy>" would train as "<cat-toy>" but be saved under a name that
+        # diffusers' load_textual_inversion then fails to expand for multi-vector tokens.
+        return (f"--placeholder_token {args.placeholder_token!r} has capitals, but CLIP lowercases every prompt; "
+                f"use {args.placeholder_token.lower()!r}")
     if not args.initializer_token.strip():
         return "--initializer_token is empty: give a coarse word for the concept, e.g. 'toy'"
     if args.enable_xformers_memory_efficient_attention and not _importable("xformers"):

@@ -1,0 +1,151 @@
+"""Generate an image grid from a base Stable Diffusion pipeline plus learned textual-inversion embeddings.
+
+    python examples/generate.py --pretrained_model_name_or_path examples/tiny-sd \\
+        --learned_embeds out/learned_embeds.safetensors --prompt "a photo of <my-toy>"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+# diffusers is imported in main(), after the argument checks: importing it is
+# slow and makes transformers log warnings, which would bury a one-line error.
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+EMBEDS_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
+
+
+def resolve_embeds_path(path: str | Path) -> Path:
+    """Return the embeddings file for `path` (a file, or a folder holding learned_embeds.safetensors/.bin)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in EMBEDS_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no {' or '.join(EMBEDS_NAMES)} in {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"learned embeddings not found: {path}")
+    return path
+
+
+def load_learned_embeds(pipeline: StableDiffusionPipeline, path: str | Path) -> list[str]:
+    """Add the tokens of a diffusers-format `{token: tensor[n, dim]}` file to `pipeline`; return those tokens.
+
+    A token whose tensor has n > 1 rows is registered as `tok`, `tok_1`, ...,
+    `tok_{n-1}`, and the pipeline expands `tok` in prompts to all n of them, so
+    prompts only ever need the returned names.
+    """
+    file = resolve_embeds_path(path)
+    # Read the file ourselves (rather than handing load_textual_inversion the
+    # path) so we know the token names and can accept files with several tokens;
+    # weights_only keeps a .bin from running arbitrary pickled code.
+    if file.suffix == ".safetensors":
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    tokens = list(state)
+    if not tokens:
+        raise ValueError(f"{file} holds no embeddings")
+    # Checked here because diffusers 0.42's own shape error prints unformatted
+    # placeholders instead of the sizes.
+    dim = pipeline.text_encoder.get_input_embeddings().weight.shape[-1]
+    for t in tokens:
+        if state[t].shape[-1] != dim:
+            raise ValueError(f"{t!r} has {state[t].shape[-1]}-dim vectors but this text encoder uses {dim}")
+        # CLIP's tokenizer lowercases prompts before matching added tokens, so the
+        # `tok` -> `tok tok_1 ...` expansion misses a token with capitals and
+        # silently uses only its first vector.
+        if t != t.lower() and state[t].ndim > 1 and state[t].shape[0] > 1:
+            warnings.warn(f"multi-vector token {t!r} has upper-case letters; only its first vector will be used")
+    pipeline.load_textual_inversion([state[t] for t in tokens], token=tokens)
+    return tokens
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    """Paste equally sized images into a near-square grid, row by row."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="base pipeline folder or hub id")
+    parser.add_argument("--learned_embeds", required=True, help="embeddings file, or a folder containing learned_embeds.safetensors/.bin")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="square side in px (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="grid.png")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error("--num_images must be at least 1")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        # The VAE downsamples by 8; other sizes fail deep inside the UNet.
+        parser.error("--resolution must be a positive multiple of 8")
+
+    # Check the embeddings before loading the base model: that load can take
+    # minutes for a real checkpoint, and a typo should not cost that.
+    try:
+        resolve_embeds_path(args.learned_embeds)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    # fp16 halves GPU memory and is how SD-1.x is normally run; CPUs lack fast fp16.
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
+    # Same sampler as diffusers' textual-inversion example: good images in ~25
+    # steps. from_config keeps the model's prediction_type and beta schedule.
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    try:
+        tokens = load_learned_embeds(pipeline, args.learned_embeds)
+    except ValueError as e:  # wrong size, token already in the vocabulary, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pipeline.to(args.device)
+    print(f"loaded token(s): {', '.join(tokens)}")
+    if not any(t in args.prompt for t in tokens):
+        print(f"warning: the prompt uses none of the learned tokens {tokens}", file=sys.stderr)
+
+    # A CPU generator gives the same starting noise on every device, so a seed
+    # reproduces the same grid on CPU and GPU (up to numerics).
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    images = pipeline(
+        args.prompt,
+        num_images_per_prompt=args.num_images,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        generator=generator,
+    ).images
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images).save(out)
+    print(f"saved {len(images)} image(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
