@@ -13,6 +13,7 @@ follow diffusers' examples/textual_inversion/textual_inversion.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -695,12 +696,15 @@ def freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype: t
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def check_model_fits(args, vae, noise_scheduler) -> None:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+def check_vae_factor(args: argparse.Namespace) -> None:
+    """--resolution must divide by the VAE's downsampling factor; read from its config, before any weights load."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
     if args.resolution % factor:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}; "
-                         f"use e.g. {args.resolution // factor * factor or factor}")
-    diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+                         f"use e.g. {max(args.resolution // factor, 1) * factor}")
 
 
 def make_optimizer_and_schedule(args, embedding: PlaceholderEmbedding, learning_rate: float, max_train_steps: int):
@@ -770,74 +774,169 @@ def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, embedding) -> None:
+def save_full_pipeline(args, accelerator, models: Models) -> None:
     """The base pipeline with the learned rows written into an ordinary embedding matrix."""
     from diffusers import StableDiffusionPipeline
 
-    text_encoder = accelerator.unwrap_model(text_encoder)
-    merged = torch.nn.Embedding.from_pretrained(embedding.merged_weight(), freeze=True)
+    text_encoder = accelerator.unwrap_model(models.text_encoder)
+    merged = torch.nn.Embedding.from_pretrained(models.embedding.merged_weight(), freeze=True)
     text_encoder.set_input_embeddings(merged)
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, unet=unet,
-            revision=args.revision, variant=args.variant)
+            args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=models.tokenizer,
+            vae=models.vae, unet=models.unet, revision=args.revision, variant=args.variant)
         pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
     finally:
-        text_encoder.set_input_embeddings(embedding)
+        text_encoder.set_input_embeddings(models.embedding)
 
 
-def train(args, accelerator, dataset, plan, models, embedding, optimizer, lr_scheduler, first_step: int,
-          max_train_steps: int, seed: int, run_identity: dict, tokenizer) -> list[dict[str, float]]:
-    """The loop: micro-batches -> loss -> backward (synced on the last) -> step; then logs, saves, validation."""
+@dataclass
+class Models:
+    """The frozen pipeline parts and the one trainable module, as prepared for this process."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module  # DDP-wrapped when there are several processes
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    embedding: PlaceholderEmbedding
+    weight_dtype: torch.dtype
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (signal) or by necessity (non-finite loss); carries the exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict]:
+    """While active, SIGINT/SIGTERM ask to stop after the current step (with a save); a second one exits at once."""
+    import signal
+
+    stop = {"signal": 0}
+
+    def handle(signum, frame):
+        if stop["signal"]:
+            os._exit(128 + signum)  # files are written atomically, so leaving mid-write loses nothing saved
+        stop["signal"] = signum
+        logger.warning("Stopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def accumulate_step(accelerator, models: Models, micro_batches: list[dict], step: int, seed: int) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches; return this process's mean loss."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        generator = torch.Generator(accelerator.device).manual_seed(
+            derived_seed(seed, "noise", step, i, accelerator.process_index))
+        last = i == len(micro_batches) - 1
+        # Gradients of the accumulation's earlier micro-batches stay local: one all-reduce per step.
+        with contextlib.nullcontext() if last else accelerator.no_sync(models.text_encoder):
+            loss = training_loss(batch, models.text_encoder, models.vae, models.unet, models.noise_scheduler,
+                                 generator, models.weight_dtype)
+            accelerator.backward(loss / len(micro_batches))
+        step_loss += loss.detach() / len(micro_batches)
+    return step_loss
+
+
+def save_step_outputs(args, accelerator, models: Models, optimizer, lr_scheduler, done: int, seed: int,
+                      run_identity: dict, force_checkpoint: bool = False) -> None:
+    """Intermediate learned_embeds, checkpoints and validation images due after step `done` (main process)."""
+    output_dir, safe = Path(args.output_dir), not args.no_safe_serialization
+    vectors = models.embedding.vectors
+    if done % args.save_steps == 0:
+        save_learned_embeds(vectors, args.placeholder_token,
+                            output_dir / embeds_filename(f"learned_embeds-steps-{done}", safe), safe)
+    if done % args.checkpointing_steps == 0 or force_checkpoint:
+        state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
+        path = save_checkpoint(output_dir, done, vectors, args.placeholder_token, state,
+                               {**run_identity, "seed": seed}, args.checkpoints_total_limit)
+        logger.info(f"Saved {path}")
+    if args.validation_prompt and done % args.validation_steps == 0 and not force_checkpoint:
+        run_validation(args, accelerator, models.tokenizer, models.text_encoder, models.vae, models.unet,
+                       models.weight_dtype, seed, done)
+
+
+def train(args, accelerator, models: Models, dataset, plan: BatchPlan, optimizer, lr_scheduler, first_step: int,
+          max_train_steps: int, seed: int, run_identity: dict) -> tuple[list[dict[str, float]], int]:
+    """The loop: micro-batches -> loss -> agree across processes -> step -> logs, saves, validation.
+
+    Returns the per-step logs and the number of the signal that stopped it early (0 if none).
+    """
     from tqdm.auto import tqdm
 
-    text_encoder, vae, unet, noise_scheduler, weight_dtype = models
-    output_dir = Path(args.output_dir)
-    safe = not args.no_safe_serialization
-    history = []
+    history, stopped_by = [], 0
     progress = tqdm(total=max_train_steps, initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    for step, micro_batches in iterate_steps(dataset, plan, first_step, max_train_steps, args.dataloader_num_workers):
-        step_loss = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro_batches):
-            generator = torch.Generator(accelerator.device).manual_seed(
-                derived_seed(seed, "noise", step, i, accelerator.process_index))
-            last = i == len(micro_batches) - 1
-            # Gradients of the accumulation's earlier micro-batches stay local; one all-reduce per step.
-            with accelerator.no_sync(text_encoder) if not last else _nullcontext():
-                loss = training_loss(batch, text_encoder, vae, unet, noise_scheduler, generator, weight_dtype)
-                accelerator.backward(loss / len(micro_batches))
-            step_loss += loss.detach() / len(micro_batches)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with stop_requests() as stop:
+        for step, micro_batches in iterate_steps(dataset, plan, first_step, max_train_steps,
+                                                 args.dataloader_num_workers):
+            step_loss = accumulate_step(accelerator, models, micro_batches, step, seed)
+            # One small collective per step: the loss to log, and whether any process was asked to stop.
+            flags = torch.stack([step_loss, torch.tensor(float(stop["signal"]), device=step_loss.device)])
+            loss_sum, signal_sum = accelerator.reduce(flags, "sum").tolist()
+            if not math.isfinite(loss_sum):
+                raise diverged(args, accelerator, models, step, loss_sum)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        logs = {"loss": accelerator.reduce(step_loss, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-        accelerator.log(logs, step=done)
-        history.append(logs)
-        if accelerator.is_main_process:
-            if done % args.save_steps == 0:
-                save_learned_embeds(embedding.vectors, args.placeholder_token,
-                                    output_dir / embeds_filename(f"learned_embeds-steps-{done}", safe), safe)
-            if done % args.checkpointing_steps == 0:
-                state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-                path = save_checkpoint(output_dir, done, embedding.vectors, args.placeholder_token, state,
-                                       {**run_identity, "seed": seed}, args.checkpoints_total_limit)
-                logger.info(f"Saved {path}")
-            if args.validation_prompt and done % args.validation_steps == 0:
-                run_validation(args, accelerator, tokenizer, text_encoder, vae, unet, weight_dtype, seed, done)
+            done = step + 1
+            logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
+            history.append(logs)
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=done)
+            stopped_by = int(stop["signal"] or signal_sum and 15)  # another process's signal: call it SIGTERM
+            if accelerator.is_main_process:
+                save_step_outputs(args, accelerator, models, optimizer, lr_scheduler, done, seed, run_identity,
+                                  force_checkpoint=bool(stopped_by) and done < max_train_steps)
+            if stopped_by:
+                break
     progress.close()
-    return history
+    finished = first_step + len(history) >= max_train_steps
+    return history, 0 if finished else stopped_by
 
 
-def _nullcontext():
-    import contextlib
+def diverged(args, accelerator, models: Models, step: int, loss: float) -> TrainingStopped:
+    """A non-finite loss: keep the last good vectors (the update was not applied) and say what to change."""
+    vectors = models.embedding.vectors
+    kept = ""
+    if accelerator.is_main_process and torch.isfinite(vectors).all():
+        safe = not args.no_safe_serialization
+        path = Path(args.output_dir) / embeds_filename(f"learned_embeds-steps-{step}", safe)
+        save_learned_embeds(vectors, args.placeholder_token, path, safe)
+        kept = f" The last good vectors (after step {step}) are in {path}."
+    return TrainingStopped(
+        f"the loss became {loss} at step {step + 1}; nothing of that step was applied.{kept} Lower --learning_rate, "
+        "use --mixed_precision bf16 or no instead of fp16, or check the training images, then start again.", 1)
 
-    return contextlib.nullcontext()
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: every flag that differs from its default, plus resume=latest."""
+    import shlex
+
+    words = ["accelerate", "launch", "train_textual_inversion.py"]
+    for action in build_parser()._actions:
+        name = action.dest
+        if not action.option_strings or name in ("help", "resume_from_checkpoint"):
+            continue
+        value = getattr(args, name)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        words += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return shlex.join(words + ["--resume_from_checkpoint", "latest"])
 
 
 @dataclass
@@ -856,40 +955,26 @@ class TrainResult:
 def main(args: argparse.Namespace) -> TrainResult:
     from accelerate.utils import set_seed
 
-    # 1. Processes, logging and the run's seed.
+    # 1. Processes, logging, the checkpoint to resume (checked first: it can refuse the run) and the seed.
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
     logger.info(accelerator.state)
     output_dir = Path(args.output_dir)
-    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
                     "pretrained_model_name_or_path": args.pretrained_model_name_or_path}
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     resumed = load_checkpoint(resume_path, run_identity) if resume_path else None
     seed = resumed[0]["seed"] if resumed else agree_on_seed(accelerator, args.seed)
     set_seed(seed)
 
     # 2. Tokens, templates and images: all the user's input is checked before the big models load.
-    tokenizer = load_tokenizer(args)
-    placeholder_token_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
-    initializer_ids = initializer_token_ids(tokenizer, args.initializer_token)
-    templates = load_templates(args.templates, args.learnable_property)
-    image_paths, skipped = list_image_files(args.train_data_dir)
-    if skipped:
-        logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
-    images = load_training_images(image_paths, args.resolution, args.center_crop)
+    tokenizer, placeholder_token_ids, initializer_ids, template_input_ids, images = prepare_inputs(args)
 
-    # 3. Frozen models; the placeholder rows become the only trainable tensor.
-    noise_scheduler, text_encoder, vae, unet = load_models(args)
-    check_model_fits(args, vae, noise_scheduler)
-    vectors = initial_vectors(text_encoder.get_input_embeddings().weight, initializer_ids, args.num_vectors)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype)
-    # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
-    embedding = install_placeholder_embedding(text_encoder, placeholder_token_ids, vectors.to(accelerator.device))
+    # 3. Frozen models in the compute dtype; the placeholder rows become the only trainable tensor.
+    models = load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids, initializer_ids)
 
     # 4. Data plan, learning rate, optimizer; only the text encoder (holding the vectors) goes under DDP.
-    dataset = TextualInversionDataset(
-        images, tokenize_templates(tokenizer, templates, args.placeholder_token, args.num_vectors), args.repeats, seed)
+    dataset = TextualInversionDataset(images, template_input_ids, args.repeats, seed)
     plan = BatchPlan(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
                      accelerator.num_processes, accelerator.process_index, seed)
     max_train_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
@@ -897,20 +982,13 @@ def main(args: argparse.Namespace) -> TrainResult:
     if args.scale_lr:
         learning_rate = scaled_learning_rate(learning_rate, args.gradient_accumulation_steps,
                                              args.train_batch_size, accelerator.num_processes)
-    optimizer, lr_scheduler = make_optimizer_and_schedule(args, embedding, learning_rate, max_train_steps)
-    text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+    optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.embedding, learning_rate, max_train_steps)
+    models.text_encoder, optimizer = accelerator.prepare(models.text_encoder, optimizer)
 
     # 5. Resume: vectors, optimizer, schedule and step; the data and noise follow from (seed, step).
     first_step = 0
     if resumed:
-        training_state, saved_vectors, state = resumed
-        with torch.no_grad():
-            embedding.vectors.copy_(saved_vectors.to(embedding.vectors.device))
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        first_step = min(training_state["step"], max_train_steps)
+        first_step = restore_checkpoint(accelerator, models, optimizer, lr_scheduler, resumed, max_train_steps)
         logger.info(f"Resuming from {resume_path} at step {first_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {output_dir}; starting a new run")
@@ -921,28 +999,71 @@ def main(args: argparse.Namespace) -> TrainResult:
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
     log_run_summary(args, len(images), len(dataset), plan, max_train_steps, learning_rate, first_step,
                     placeholder_token_ids, seed)
-    history = train(args, accelerator, dataset, plan, (text_encoder, vae, unet, noise_scheduler, weight_dtype),
-                    embedding, optimizer, lr_scheduler, first_step, max_train_steps, seed, run_identity, tokenizer)
+    history, stop_signal = train(args, accelerator, models, dataset, plan, optimizer, lr_scheduler, first_step,
+                                 max_train_steps, seed, run_identity)
 
-    # 7. Results, written once.
+    # 7. Results, written once (also when a signal stopped the run early).
     accelerator.wait_for_everyone()
     final_path = output_dir / embeds_filename("learned_embeds", not args.no_safe_serialization)
+    last_step = first_step + len(history)
     if accelerator.is_main_process:
-        save_results(args, accelerator, final_path, tokenizer, text_encoder, vae, unet, embedding, max_train_steps)
+        save_results(args, accelerator, final_path, models, last_step)
     accelerator.end_training()
-    return TrainResult(embedding.vectors.detach().float().cpu().clone(), placeholder_token_ids, learning_rate,
+    if stop_signal:
+        raise TrainingStopped(f"stopped by signal {stop_signal} after step {last_step}; saved {final_path} and "
+                              f"checkpoint-{last_step}. Resume with:\n  {resume_command(args)}", 128 + stop_signal)
+    return TrainResult(models.embedding.vectors.detach().float().cpu().clone(), placeholder_token_ids, learning_rate,
                        accelerator.num_processes, first_step, history, final_path)
 
 
-def save_results(args, accelerator, final_path: Path, tokenizer, text_encoder, vae, unet, embedding,
-                 step: int) -> None:
+def prepare_inputs(args: argparse.Namespace):
+    """Tokenizer with the new tokens, initializer ids, tokenized templates and decoded images, or a UsageError."""
+    tokenizer = load_tokenizer(args)
+    placeholder_token_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
+    initializer_ids = initializer_token_ids(tokenizer, args.initializer_token)
+    templates = load_templates(args.templates, args.learnable_property)
+    template_input_ids = tokenize_templates(tokenizer, templates, args.placeholder_token, args.num_vectors)
+    image_paths, skipped = list_image_files(args.train_data_dir)
+    if skipped:
+        logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
+    images = load_training_images(image_paths, args.resolution, args.center_crop)
+    check_vae_factor(args)
+    return tokenizer, placeholder_token_ids, initializer_ids, template_input_ids, images
+
+
+def load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids: list[int],
+                       initializer_ids: list[int]) -> Models:
+    noise_scheduler, text_encoder, vae, unet = load_models(args)
+    diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    vectors = initial_vectors(text_encoder.get_input_embeddings().weight, initializer_ids, args.num_vectors)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype)
+    # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
+    embedding = install_placeholder_embedding(text_encoder, placeholder_token_ids, vectors.to(accelerator.device))
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, embedding, weight_dtype)
+
+
+def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, resumed: tuple,
+                       max_train_steps: int) -> int:
+    """Load a checkpoint's vectors and optimizer/schedule/scaler state; return the step to continue from."""
+    training_state, saved_vectors, state = resumed
+    with torch.no_grad():
+        models.embedding.vectors.copy_(saved_vectors.to(models.embedding.vectors.device))
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return min(training_state["step"], max_train_steps)  # a resume never trains past --max_train_steps
+
+
+def save_results(args, accelerator, final_path: Path, models: Models, step: int) -> None:
     metadata = {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
                 "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
                 "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
-    save_learned_embeds(embedding.vectors, args.placeholder_token, final_path, not args.no_safe_serialization,
+    save_learned_embeds(models.embedding.vectors, args.placeholder_token, final_path, not args.no_safe_serialization,
                         metadata)
     if args.save_as_full_pipeline:
-        save_full_pipeline(args, accelerator, tokenizer, text_encoder, vae, unet, embedding)
+        save_full_pipeline(args, accelerator, models)
     logger.info(f"Saved {final_path}")
 
 
@@ -958,6 +1079,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -35,6 +35,17 @@ def prepare_and_watch(self, *objects, **kwargs):
 
 
 Accelerator.prepare = prepare_and_watch
+
+# TEST_FAIL_RANK=i makes rank i crash at its second step, to check that the other ranks go down too.
+if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK", "0"):
+    accumulate = tti.accumulate_step
+
+    def failing_step(accelerator, models, micro_batches, step, seed):
+        if step == 1:
+            raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+        return accumulate(accelerator, models, micro_batches, step, seed)
+
+    tti.accumulate_step = failing_step
 result_dir = Path(sys.argv[1])
 result = tti.main(tti.parse_args(sys.argv[2:]))
 rank = int(os.environ.get("RANK", 0))  # the process group is gone after end_training()
