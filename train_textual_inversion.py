@@ -172,8 +172,12 @@ def validate_paths(args: argparse.Namespace) -> str | None:
     data_dir = Path(args.train_data_dir)
     if not data_dir.is_dir():
         return f"--train_data_dir {data_dir} is not a folder: point it at a folder of images of the concept"
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+    output_dir = Path(args.output_dir).absolute()
+    if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {args.output_dir} is a file: choose a folder"
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        return f"--output_dir {args.output_dir} is not writable ({existing}): choose a folder you can write to"
     if args.templates is not None:
         try:
             load_templates(args.templates)
@@ -370,6 +374,9 @@ def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bo
         try:
             with Image.open(path) as image:
                 image.load()  # decode now: a truncated file fails here, not at step 900
+                if min(image.size) < resolution:
+                    logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution "
+                                   f"{resolution}: it will be upscaled and look soft")
                 tensors.append(prepare_image(image, resolution, center_crop))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UsageError(f"--train_data_dir: cannot read image {path} ({e}); fix or remove it") from None
@@ -537,7 +544,18 @@ def save_learned_embeds(vectors: torch.Tensor, placeholder_token: str, path: str
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; results are meant to be shared
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placeholder_token: str, state: dict,
@@ -555,8 +573,11 @@ def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placehol
     save_learned_embeds(vectors, placeholder_token, tmp / "learned_embeds.safetensors")
     torch.save(state, tmp / "optimizer.pt")
     (tmp / "training_state.json").write_text(json.dumps({**training_state, "step": step}, indent=2))
+    for path in (tmp / "optimizer.pt", tmp / "training_state.json", tmp):
+        _fsync(path)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(output_dir)
     return final
 
 

@@ -7,15 +7,16 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_textual_inversion import image_grid  # noqa: E402  (the same grid as the trainer's validation images)
 
 # diffusers is imported in main(), after the argument checks: importing it is
 # slow and makes transformers log warnings, which would bury a one-line error.
@@ -69,17 +70,6 @@ def load_learned_embeds(pipeline: StableDiffusionPipeline, path: str | Path) -> 
             warnings.warn(f"multi-vector token {t!r} has upper-case letters; only its first vector will be used")
     pipeline.load_textual_inversion([state[t] for t in tokens], token=tokens)
     return tokens
-
-
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    """Paste equally sized images into a near-square grid, row by row."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images).save(out)
+    image_grid(images).save(out)
     print(f"saved {len(images)} image(s) to {out}")
     return 0
 
