@@ -40,6 +40,9 @@ logger = logging.getLogger("textual_inversion")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 CHECKPOINT_PREFIX = "checkpoint-"
+# --report_to choices and the module each needs (accelerate's trackers).
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+             "clearml": "clearml", "dvclive": "dvclive", "aim": "aim", "all": None, "none": None}
 
 
 class UsageError(Exception):
@@ -163,8 +166,16 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return "--initializer_token is empty: give a coarse word for the concept, e.g. 'toy'"
     if args.enable_xformers_memory_efficient_attention and not _importable("xformers"):
         return "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`, or drop the flag"
-    if args.report_to in ("tensorboard", "all") and not _importable("tensorboard"):
-        return "--report_to tensorboard needs tensorboard: `pip install tensorboard`, or pass --report_to none"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            return f"--{name} must be in [0, 1) (got {getattr(args, name)})"
+    if args.adam_epsilon < 0 or args.adam_weight_decay < 0:
+        return "--adam_epsilon and --adam_weight_decay must be 0 or more"
+    if args.report_to not in REPORTERS:
+        return f"--report_to must be one of {', '.join(REPORTERS)} (got {args.report_to!r})"
+    module = REPORTERS[args.report_to]
+    if module and not _importable(module):
+        return f"--report_to {args.report_to} needs {module}: `pip install {module}`, or pass --report_to none"
     return validate_paths(args)
 
 
@@ -187,8 +198,8 @@ def validate_paths(args: argparse.Namespace) -> str | None:
     if model.exists():
         if not (model / "model_index.json").is_file():
             return f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder"
-    elif str(model).startswith((".", "/", "~")) or os.sep + os.sep in str(model):
-        return f"--pretrained_model_name_or_path {model} does not exist"
+    elif args.pretrained_model_name_or_path.startswith((".", "/", "~")) or args.pretrained_model_name_or_path.count("/") > 1:
+        return f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} does not exist"
     resume = args.resume_from_checkpoint
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         return f"--resume_from_checkpoint {resume} is not a folder: give a checkpoint-N folder or 'latest'"
@@ -324,8 +335,10 @@ def load_templates(path: str | None, learnable_property: str = "object") -> list
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "{}" not in line:
-            raise UsageError(f"--templates {path}: line {number} has no {{}} to mark the token: {line!r}")
+        rest = line.replace("{}", "", 1)
+        if "{}" not in line or "{" in rest or "}" in rest:  # str.format must fill exactly this one slot
+            raise UsageError(f"--templates {path}: line {number} must hold exactly one {{}} (where the token goes) "
+                             f"and no other braces: {line!r}")
         templates.append(line)
     if not templates:
         raise UsageError(f"--templates {path} holds no templates; write one per line, e.g. 'a photo of a {{}}'")
@@ -454,7 +467,7 @@ class BatchPlan:
         order = list(range(self.num_samples))
         random.Random(derived_seed(self.seed, "shuffle", epoch)).shuffle(order)
         padded = -(-self.num_samples // self.num_processes) * self.num_processes
-        order += order[: padded - self.num_samples]
+        order = (order * -(-padded // self.num_samples))[:padded]  # wraps as often as needed (1 image, 8 GPUs)
         global_size = self.batch_size * self.num_processes
         batches = []
         for start in range(0, padded, global_size):
@@ -500,7 +513,7 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         return found
     for path in root.iterdir():
         suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (path / "training_state.json").is_file():
+        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isascii() and suffix.isdigit() and (path / "training_state.json").is_file():
             found.append((int(suffix), path))
     return sorted(found)
 
@@ -564,8 +577,6 @@ def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placehol
 
     Built in a hidden folder and renamed into place, so `--resume_from_checkpoint latest` never picks a half one.
     """
-    for old in checkpoints_to_remove(list_checkpoints(output_dir), total_limit):
-        shutil.rmtree(old)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -578,6 +589,10 @@ def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placehol
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync(output_dir)
+    # Pruned only once the new one is in place: a failed save never leaves fewer checkpoints than before.
+    older = [(n, p) for n, p in list_checkpoints(output_dir) if p != final]
+    for old in checkpoints_to_remove(older, total_limit):
+        shutil.rmtree(old)
     return final
 
 
@@ -588,8 +603,9 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, torch.Tensor, dic
     try:
         training_state = json.loads((path / "training_state.json").read_text())
         vectors = next(iter(safetensors.torch.load_file(str(path / "learned_embeds.safetensors")).values()))
-        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    except (OSError, ValueError, StopIteration) as e:
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        training_state["step"], training_state["seed"], state["optimizer"], state["lr_scheduler"]
+    except Exception as e:  # any damage (truncated, unpicklable, missing keys) means: not this checkpoint
         raise UsageError(f"--resume_from_checkpoint {path} cannot be loaded ({e}); pick another checkpoint") from None
     for key, value in expected.items():
         if training_state.get(key) != value:
@@ -620,10 +636,14 @@ def load_models(args: argparse.Namespace):
 def load_tokenizer(args: argparse.Namespace):
     from transformers import CLIPTokenizer
 
-    if args.tokenizer_name:
-        return CLIPTokenizer.from_pretrained(args.tokenizer_name)
-    return CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer",
-                                         revision=args.revision)
+    name = args.tokenizer_name or args.pretrained_model_name_or_path
+    try:
+        if args.tokenizer_name:
+            return CLIPTokenizer.from_pretrained(name)
+        return CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", revision=args.revision)
+    except OSError as e:  # not found, offline, no tokenizer folder: say which, without a traceback
+        flag = "--tokenizer_name" if args.tokenizer_name else "--pretrained_model_name_or_path"
+        raise UsageError(f"{flag} {name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -981,11 +1001,15 @@ def main(args: argparse.Namespace) -> TrainResult:
     setup_logging(accelerator)
     logger.info(accelerator.state)
     output_dir = Path(args.output_dir)
+    model = Path(args.pretrained_model_name_or_path).expanduser()
     run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
-                    "pretrained_model_name_or_path": args.pretrained_model_name_or_path}
+                    # "./pipe", "pipe/" and the absolute path are the same local model
+                    "pretrained_model_name_or_path": str(model.resolve()) if model.exists() else model.as_posix()}
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     resumed = load_checkpoint(resume_path, run_identity) if resume_path else None
     seed = resumed[0]["seed"] if resumed else agree_on_seed(accelerator, args.seed)
+    if resumed and args.seed is not None and args.seed != seed:
+        logger.warning(f"--seed {args.seed} ignored: resuming continues the checkpoint's run, seed {seed}")
     set_seed(seed)
 
     # 2. Tokens, templates and images: all the user's input is checked before the big models load.

@@ -1,0 +1,240 @@
+"""A catalogue of bad command lines, each run as its own process executing train_textual_inversion.py as __main__.
+
+Every one must end with exit code 2 and a one-line "error: ..." naming the flag or file, no traceback, and no
+output folder. Mistakes found while parsing print nothing else; those found inside main() (after the tokenizer or
+the models load) may follow INFO lines, so there the error must be the last line of stderr.
+
+A fresh interpreter costs 2.6 s of CPU (torch) for a parse-time error and 8 s (diffusers, transformers,
+accelerate) for a late one: 90 s for the catalogue on two cores. So the cases marked `fresh` run as a real
+`python train_textual_inversion.py ...`, and the rest are forked from a "zygote" process that has already imported
+those libraries: each child sets sys.argv, sends fds 1 and 2 to files and runs the script with runpy as __main__, so
+argparse, cli() and sys.exit behave as on the command line. TTI_FRESH_PROCESSES=1 runs every case fresh instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from conftest import train_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_textual_inversion.py"
+
+
+@dataclass
+class Ctx:
+    pipe: Path  # the tiny pipeline (read-only)
+    data: Path  # a concept folder this case may change
+    ws: Path  # this case's own folder
+    out: Path  # --output_dir; must not be created
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Ctx], list[str]]
+    expect: str | tuple[str, ...]  # must all appear in the error line
+    late: bool = False  # raised inside main(), after INFO logging may have started
+    marks: list = field(default_factory=list)
+    fresh: bool = False  # always run as a new `python train_textual_inversion.py` (see the module docstring)
+
+
+def base(ctx: Ctx, *extra: str) -> list[str]:
+    return train_argv(ctx.pipe, ctx.data, ctx.out, *extra)
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2 :]
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def data_with(ctx: Ctx, name: str, content: bytes) -> Path:
+    write(ctx.data / name, content)
+    return ctx.data
+
+
+def only_text_data(ctx: Ctx) -> list[str]:
+    folder = ctx.ws / "no-images"
+    write(folder / "readme.txt", "no images here")
+    return base(ctx, "--train_data_dir", str(folder))
+
+
+def pipeline_without_index(ctx: Ctx) -> list[str]:
+    (ctx.ws / "not-a-pipeline" / "unet").mkdir(parents=True)
+    return base(ctx, "--pretrained_model_name_or_path", str(ctx.ws / "not-a-pipeline"))
+
+
+OUTPUT_FILE_CONTENT = b"precious results, do not overwrite\n"
+
+CASES = [
+    Case("missing-required-flag", lambda c: without(base(c), "--placeholder_token"), "--placeholder_token",
+         fresh=True),
+    Case("learnable-property-foo", lambda c: base(c, "--learnable_property", "foo"), "--learnable_property"),
+    Case("lr-scheduler-foo", lambda c: base(c, "--lr_scheduler", "foo"), "--lr_scheduler"),
+    Case("mixed-precision-fp8", lambda c: base(c, "--mixed_precision", "fp8"), "--mixed_precision"),
+    Case("mixed-precision-fp16-without-cuda", lambda c: base(c, "--mixed_precision", "fp16"), "--mixed_precision fp16",
+         marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed with a CUDA GPU")]),
+    Case("num-vectors-0", lambda c: base(c, "--num_vectors", "0"), "--num_vectors"),
+    Case("train-batch-size-0", lambda c: base(c, "--train_batch_size", "0"), "--train_batch_size"),
+    Case("max-train-steps-negative", lambda c: base(c, "--max_train_steps", "-1"), "--max_train_steps"),
+    Case("repeats-0", lambda c: base(c, "--repeats", "0"), "--repeats"),
+    Case("train-data-dir-missing", lambda c: base(c, "--train_data_dir", str(c.ws / "nope")), "--train_data_dir"),
+    Case("train-data-dir-is-a-file", lambda c: base(c, "--train_data_dir", str(c.data / "toy_0.png")),
+         "--train_data_dir"),
+    Case("output-dir-is-a-file", lambda c: (write(c.out, OUTPUT_FILE_CONTENT), base(c))[1], "--output_dir"),
+    Case("templates-line-without-slot",
+         lambda c: base(c, "--templates", str(write(c.ws / "my_templates.txt", "a photo of {}\na photo\n"))),
+         ("--templates", "line 2")),
+    Case("push-to-hub", lambda c: base(c, "--push_to_hub"), "--push_to_hub"),
+    Case("model-folder-does-not-exist", lambda c: base(c, "--pretrained_model_name_or_path", "./does-not-exist"),
+         "--pretrained_model_name_or_path"),
+    Case("model-folder-without-model-index", pipeline_without_index,
+         ("--pretrained_model_name_or_path", "model_index.json")),
+    Case("resume-from-missing-checkpoint", lambda c: base(c, "--resume_from_checkpoint", "/nope"),
+         "--resume_from_checkpoint"),
+    Case("placeholder-is-an-existing-word", lambda c: base(c, "--placeholder_token", "cat"), "--placeholder_token",
+         late=True, fresh=True),
+    Case("placeholder-with-a-space", lambda c: base(c, "--placeholder_token", "two words"), "--placeholder_token"),
+    Case("initializer-empty", lambda c: base(c, "--initializer_token", ""), "--initializer_token"),
+    Case("data-folder-without-images", only_text_data, "--train_data_dir", late=True),
+    Case("data-folder-with-zero-byte-png", lambda c: base(c, "--train_data_dir", str(data_with(c, "empty.png", b""))),
+         ("--train_data_dir", "empty.png"), late=True),
+    Case("resolution-not-multiple-of-vae-factor", lambda c: base(c, "--resolution", "36"), "--resolution", late=True),
+    Case("report-to-unknown-tracker", lambda c: base(c, "--report_to", "foo"), "--report_to"),
+]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+TIMEOUT_S = 300
+
+ZYGOTE = r"""
+import json, os, runpy, sys, traceback
+script, max_children, jobs = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3]))
+import numpy, PIL.Image, torch  # the script's top-level imports
+import accelerate, accelerate.utils, diffusers, transformers  # and what main() imports before a late error
+from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+sys.stdout.flush(); sys.stderr.flush()
+
+def child(job):
+    code = 1
+    try:
+        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [script, *job["argv"]]
+        sys.path[0] = os.path.dirname(script)  # as `python script.py` would have it
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:  # what the interpreter does with it
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+
+running, codes, pending = {}, {}, list(enumerate(jobs))
+while pending or running:
+    while pending and len(running) < max_children:
+        i, job = pending.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            child(job)
+        running[pid] = i
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps([codes[i] for i in range(len(jobs))]))
+"""
+
+
+def run_fresh(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def start_forked(argvs: list[list[str]], folder: Path):
+    """Start the zygote on these command lines; returns a function that waits and gives their CompletedProcess."""
+    jobs = [{"argv": argv, "stdout": str(folder / f"{i}.stdout"), "stderr": str(folder / f"{i}.stderr")}
+            for i, argv in enumerate(argvs)]
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(SCRIPT), str(os.cpu_count() or 2),
+                               str(folder / "jobs.json")], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def wait() -> list[subprocess.CompletedProcess]:
+        try:
+            out, err = zygote.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(zygote.pid, signal.SIGKILL)  # the zygote and the children it forked: its own session
+            raise
+        assert zygote.returncode == 0, f"the zygote failed: {err[-3000:]}"
+        return [subprocess.CompletedProcess([SCRIPT.name, *job["argv"]], code, Path(job["stdout"]).read_text(),
+                                            Path(job["stderr"]).read_text())
+                for job, code in zip(jobs, json.loads(out))]
+
+    return wait
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tiny_pipeline, tmp_path_factory) -> dict[str, tuple[Ctx, subprocess.CompletedProcess]]:
+    """Run every selected case at once: the forked ones in the zygote, the fresh ones beside it."""
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
+              if item.module is request.module]
+    selected = [p["case"] for p in params if "case" in p]
+    selected = [c for c in selected if not any(m.name == "skipif" and m.args[0] for m in c.marks)]
+    contexts, argvs = {}, {}
+    for case in selected:
+        ws = tmp_path_factory.mktemp(case.id)
+        shutil.copytree(ROOT / "examples" / "concept", ws / "concept")
+        contexts[case.id] = Ctx(tiny_pipeline, ws / "concept", ws, ws / "out")
+        argvs[case.id] = case.argv(contexts[case.id])
+    all_fresh = os.environ.get("TTI_FRESH_PROCESSES") == "1"
+    fresh = sorted((c for c in selected if c.fresh or all_fresh), key=lambda c: not c.late)  # slow ones first
+    forked = [c for c in selected if c not in fresh]
+    wait_forked = start_forked([argvs[c.id] for c in forked], tmp_path_factory.mktemp("zygote")) if forked else list
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = dict(zip([c.id for c in fresh], pool.map(run_fresh, [argvs[c.id] for c in fresh])))
+    results.update(zip([c.id for c in forked], wait_forked()))
+    return {cid: (contexts[cid], result) for cid, result in results.items()}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_is_refused_with_one_error_line(outcomes, case):
+    ctx, result = outcomes[case.id]
+    stderr_lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert stderr_lines, "nothing on stderr"
+    error = stderr_lines[-1]
+    if not case.late:
+        assert stderr_lines == [error], "a parse-time error must be the only line on stderr"
+        assert result.stdout == ""
+    expected = (case.expect,) if isinstance(case.expect, str) else case.expect
+    assert error.startswith("error: ") and all(e in error for e in expected), error
+    if case.id == "output-dir-is-a-file":
+        assert ctx.out.read_bytes() == OUTPUT_FILE_CONTENT
+    else:
+        assert not ctx.out.exists(), "--output_dir was created for a run that never started"
+    written = [p.name for p in ctx.ws.rglob("*") if p.name.startswith(("learned_embeds", "checkpoint-"))]
+    assert written == []
