@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -49,19 +50,14 @@ class UsageError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
+# ---- Command line ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Textual inversion: learn a new word for a concept from a few images.")
     a = p.add_argument
-    g = "model"
-    a("--pretrained_model_name_or_path", required=True, help=f"[{g}] Diffusers pipeline folder or hub id.")
-    a("--revision", default=None, help=f"[{g}] Revision of the hub model.")
-    a("--variant", default=None, help=f"[{g}] Weight variant, e.g. fp16.")
-    a("--tokenizer_name", default=None, help=f"[{g}] Tokenizer folder or id, if not the pipeline's own.")
+    a("--pretrained_model_name_or_path", required=True, help="Diffusers pipeline folder or hub id.")
+    a("--revision", default=None, help="Revision of the hub model.")
+    a("--variant", default=None, help="Weight variant, e.g. fp16.")
+    a("--tokenizer_name", default=None, help="Tokenizer folder or id, if not the pipeline's own.")
     # concept
     a("--train_data_dir", required=True, help="Folder with the 3-5 (or more) images of the concept.")
     a("--placeholder_token", required=True, help='The new pseudo-word, e.g. "<cat-toy>". Must be new to the tokenizer.')
@@ -145,12 +141,11 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})"
     if not args.learning_rate > 0:
         return f"--learning_rate must be positive (got {args.learning_rate})"
-    if args.learnable_property not in TEMPLATES:
-        return f"--learnable_property must be 'object' or 'style' (got {args.learnable_property!r})"
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        return f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {args.lr_scheduler!r})"
-    if args.mixed_precision not in ("no", "fp16", "bf16"):
-        return f"--mixed_precision must be no, fp16 or bf16 (got {args.mixed_precision!r})"
+    choices = {"learnable_property": list(TEMPLATES), "lr_scheduler": LR_SCHEDULERS,
+               "mixed_precision": ["no", "fp16", "bf16"], "report_to": list(REPORTERS)}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            return f"--{name} must be one of {', '.join(allowed)} (got {getattr(args, name)!r})"
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         return "--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine"
     if args.push_to_hub or args.hub_token or args.hub_model_id:
@@ -171,8 +166,6 @@ def validate_args(args: argparse.Namespace) -> str | None:
             return f"--{name} must be in [0, 1) (got {getattr(args, name)})"
     if args.adam_epsilon < 0 or args.adam_weight_decay < 0:
         return "--adam_epsilon and --adam_weight_decay must be 0 or more"
-    if args.report_to not in REPORTERS:
-        return f"--report_to must be one of {', '.join(REPORTERS)} (got {args.report_to!r})"
     module = REPORTERS[args.report_to]
     if module and not _importable(module):
         return f"--report_to {args.report_to} needs {module}: `pip install {module}`, or pass --report_to none"
@@ -194,12 +187,12 @@ def validate_paths(args: argparse.Namespace) -> str | None:
             load_templates(args.templates)
         except UsageError as e:
             return str(e)
-    model = Path(args.pretrained_model_name_or_path).expanduser()
-    if model.exists():
-        if not (model / "model_index.json").is_file():
-            return f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder"
-    elif args.pretrained_model_name_or_path.startswith((".", "/", "~")) or args.pretrained_model_name_or_path.count("/") > 1:
-        return f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} does not exist"
+    name = args.pretrained_model_name_or_path
+    model = Path(name).expanduser()
+    if model.exists() and not (model / "model_index.json").is_file():
+        return f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder"
+    if not model.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a path, not a hub id
+        return f"--pretrained_model_name_or_path {name} does not exist"
     resume = args.resume_from_checkpoint
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         return f"--resume_from_checkpoint {resume} is not a folder: give a checkpoint-N folder or 'latest'"
@@ -207,16 +200,10 @@ def validate_paths(args: argparse.Namespace) -> str | None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Tokens and their initial vectors
-# --------------------------------------------------------------------------------------------------------------------
-
-
+# ---- Tokens and their initial vectors --------------------------------------------------------------------------------
 def placeholder_token_names(placeholder_token: str, num_vectors: int) -> list[str]:
     """`<tok>`, `<tok>_1`, ... `<tok>_{N-1}`: the names diffusers' load_textual_inversion gives multi-vector tokens."""
     return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
@@ -317,11 +304,7 @@ def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int]
     return module
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Templates and data
-# --------------------------------------------------------------------------------------------------------------------
-
-
+# ---- Templates and data ----------------------------------------------------------------------------------------------
 def load_templates(path: str | None, learnable_property: str = "object") -> list[str]:
     """The built-in templates, or the user's file: one per line, `{}` marks the token, `#` lines are comments."""
     if path is None:
@@ -494,11 +477,7 @@ def iterate_steps(dataset, plan: BatchPlan, first_step: int, max_train_steps: in
                 return
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Learning rate, checkpoints and saving
-# --------------------------------------------------------------------------------------------------------------------
-
-
+# ---- Learning rate, checkpoints and saving ---------------------------------------------------------------------------
 def scaled_learning_rate(learning_rate: float, gradient_accumulation_steps: int, train_batch_size: int,
                          num_processes: int) -> float:
     """--scale_lr: the paper's base lr times the effective batch (5e-3 x 2 GPUs x 4 = 0.04)."""
@@ -507,15 +486,10 @@ def scaled_learning_rate(learning_rate: float, gradient_accumulation_steps: int,
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete `checkpoint-N` folders, oldest first. Half-written ones (see save_checkpoint) are ignored."""
-    found = []
     root = Path(output_dir)
-    if not root.is_dir():
-        return found
-    for path in root.iterdir():
-        suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isascii() and suffix.isdigit() and (path / "training_state.json").is_file():
-            found.append((int(suffix), path))
-    return sorted(found)
+    paths = root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []
+    steps = [(path.name[len(CHECKPOINT_PREFIX):], path) for path in paths if (path / "training_state.json").is_file()]
+    return sorted((int(step), path) for step, path in steps if step.isascii() and step.isdigit())
 
 
 def checkpoints_to_remove(checkpoints: Sequence[tuple[int, Path]], total_limit: int | None) -> list[Path]:
@@ -614,11 +588,7 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, torch.Tensor, dic
     return training_state, vectors, state
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Models and the training step
-# --------------------------------------------------------------------------------------------------------------------
-
-
+# ---- Models and the training step ------------------------------------------------------------------------------------
 def load_models(args: argparse.Namespace):
     """Scheduler, text encoder, VAE and UNet: the ordinary from_pretrained path, local folder or hub id alike."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -675,11 +645,7 @@ def training_loss(batch: dict, text_encoder, vae, unet, noise_scheduler, generat
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# main, step by step
-# --------------------------------------------------------------------------------------------------------------------
-
-
+# ---- main, step by step ----------------------------------------------------------------------------------------------
 def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -697,10 +663,9 @@ def setup_logging(accelerator) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR, force=True)
     # Library chatter (e.g. "some weights not initialized") only from one process, and only warnings.
-    transformers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else \
-        transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else \
-        diffusers.utils.logging.set_verbosity_error()
+    level = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    transformers.utils.logging.set_verbosity(level)
+    diffusers.utils.logging.set_verbosity(level)
 
 
 def agree_on_seed(accelerator, seed: int | None) -> int:
@@ -769,7 +734,8 @@ def log_run_summary(args, num_images: int, num_samples: int, plan: BatchPlan, ma
         f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
         f"  Total batch size (w. parallel, distributed & accumulation) = "
         f"{args.train_batch_size * plan.num_processes * args.gradient_accumulation_steps}",
-        f"  Optimizer steps per epoch = {plan.steps_per_epoch}, epochs = {math.ceil(max_train_steps / plan.steps_per_epoch)}",
+        f"  Optimizer steps per epoch = {plan.steps_per_epoch}, "
+        f"epochs = {math.ceil(max_train_steps / plan.steps_per_epoch)}",
         f"  Total optimization steps = {max_train_steps} (starting at {first_step})",
         f"  Learning rate = {learning_rate:g}" + (" (scaled by --scale_lr)" if args.scale_lr else ""),
         f"  Placeholder token ids = {placeholder_token_ids}, seed = {seed}",
