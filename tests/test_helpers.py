@@ -662,3 +662,14 @@ def test_load_checkpoint_refuses_a_corrupt_optimizer_state(tmp_path):
     (path / "optimizer.pt").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UsageError, match="--resume_from_checkpoint .*cannot be loaded"):
         tti.load_checkpoint(path, IDENTITY)
+
+
+def test_images_smaller_than_the_resolution_are_named_in_a_warning(tmp_path, caplog):
+    from PIL import Image
+
+    Image.new("RGB", (20, 30), "red").save(tmp_path / "small.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "big.png")
+    with caplog.at_level("WARNING", logger="textual_inversion"):
+        images = tti.load_training_images(sorted(tmp_path.iterdir()), 32, center_crop=False)
+    assert images.shape == (2, 3, 32, 32)
+    assert "small.png is 20x30" in caplog.text and "big.png" not in caplog.text
