@@ -1,24 +1,23 @@
-"""A catalogue of bad command lines, each run as its own process executing train_textual_inversion.py as __main__.
+"""A catalogue of bad command lines and what train_textual_inversion.py must answer to each.
 
 Every one must end with exit code 2 and a one-line "error: ..." naming the flag or file, no traceback, and no
 output folder. Mistakes found while parsing print nothing else; those found inside main() (after the tokenizer or
 the models load) may follow INFO lines, so there the error must be the last line of stderr.
 
-A fresh interpreter costs 2.6 s of CPU (torch) for a parse-time error and 8 s (diffusers, transformers,
-accelerate) for a late one: 90 s for the catalogue on two cores. So the cases marked `fresh` run as a real
-`python train_textual_inversion.py ...`, and the rest are forked from a "zygote" process that has already imported
-those libraries: each child sets sys.argv, sends fds 1 and 2 to files and runs the script with runpy as __main__, so
-argparse, cli() and sys.exit behave as on the command line. TTI_FRESH_PROCESSES=1 runs every case fresh instead.
+A fresh interpreter costs 2.6-8 s of imports, so most cases run through cli() in this process (same parsing,
+messages and exit codes); the cases marked `fresh` run as a real `python train_textual_inversion.py ...`.
+TTI_FRESH_PROCESSES=1 runs every case that way.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,10 @@ from typing import Callable
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from conftest import train_argv
+
+import train_textual_inversion as tti
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_textual_inversion.py"
@@ -124,76 +126,28 @@ CASES = [
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT_S = 300
 
-ZYGOTE = r"""
-import json, os, runpy, sys, traceback
-script, max_children, jobs = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3]))
-import numpy, PIL.Image, torch  # the script's top-level imports
-import accelerate, accelerate.utils, diffusers, transformers  # and what main() imports before a late error
-from transformers import CLIPTextModel, CLIPTokenizer
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-sys.stdout.flush(); sys.stderr.flush()
-
-def child(job):
-    code = 1
-    try:
-        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = [script, *job["argv"]]
-        sys.path[0] = os.path.dirname(script)  # as `python script.py` would have it
-        try:
-            runpy.run_path(script, run_name="__main__")
-            code = 0
-        except SystemExit as e:  # what the interpreter does with it
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-    finally:
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-
-running, codes, pending = {}, {}, list(enumerate(jobs))
-while pending or running:
-    while pending and len(running) < max_children:
-        i, job = pending.pop(0)
-        pid = os.fork()
-        if pid == 0:
-            child(job)
-        running[pid] = i
-    pid, status = os.wait()
-    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-print(json.dumps([codes[i] for i in range(len(jobs))]))
-"""
-
-
 def run_fresh(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
 
 
-def start_forked(argvs: list[list[str]], folder: Path):
-    """Start the zygote on these command lines; returns a function that waits and gives their CompletedProcess."""
-    jobs = [{"argv": argv, "stdout": str(folder / f"{i}.stdout"), "stderr": str(folder / f"{i}.stderr")}
-            for i, argv in enumerate(argvs)]
-    (folder / "jobs.json").write_text(json.dumps(jobs))
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(SCRIPT), str(os.cpu_count() or 2),
-                               str(folder / "jobs.json")], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+def run_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """What `python train_textual_inversion.py ARGV` would do, via cli(): exit code, stdout, stderr.
 
-    def wait() -> list[subprocess.CompletedProcess]:
+    An exception escaping cli() is what would have been a traceback, so it is written to stderr as one.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            out, err = zygote.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(zygote.pid, signal.SIGKILL)  # the zygote and the children it forked: its own session
-            raise
-        assert zygote.returncode == 0, f"the zygote failed: {err[-3000:]}"
-        return [subprocess.CompletedProcess([SCRIPT.name, *job["argv"]], code, Path(job["stdout"]).read_text(),
-                                            Path(job["stderr"]).read_text())
-                for job, code in zip(jobs, json.loads(out))]
-
-    return wait
+            code = tti.cli(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +163,11 @@ def outcomes(request, tiny_pipeline, tmp_path_factory) -> dict[str, tuple[Ctx, s
         shutil.copytree(ROOT / "examples" / "concept", ws / "concept")
         contexts[case.id] = Ctx(tiny_pipeline, ws / "concept", ws, ws / "out")
         argvs[case.id] = case.argv(contexts[case.id])
-    all_fresh = os.environ.get("TTI_FRESH_PROCESSES") == "1"
-    fresh = sorted((c for c in selected if c.fresh or all_fresh), key=lambda c: not c.late)  # slow ones first
-    forked = [c for c in selected if c not in fresh]
-    wait_forked = start_forked([argvs[c.id] for c in forked], tmp_path_factory.mktemp("zygote")) if forked else list
+    fresh = [c for c in selected if c.fresh or os.environ.get("TTI_FRESH_PROCESSES") == "1"]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = dict(zip([c.id for c in fresh], pool.map(run_fresh, [argvs[c.id] for c in fresh])))
-    results.update(zip([c.id for c in forked], wait_forked()))
+        running = pool.map(run_fresh, [argvs[c.id] for c in fresh])
+        results = {c.id: run_in_process(argvs[c.id]) for c in selected if c not in fresh}
+        results.update(zip([c.id for c in fresh], running))
     return {cid: (contexts[cid], result) for cid, result in results.items()}
 
 
