@@ -904,7 +904,8 @@ def train(args, accelerator, models: Models, dataset, plan: BatchPlan, optimizer
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=done)
-            stopped_by = int(stop["signal"] or signal_sum and 15)  # another process's signal: call it SIGTERM
+            if signal_sum:  # this process's signal, or SIGTERM when only another process got one
+                stopped_by = stop["signal"] or 15
             if accelerator.is_main_process:
                 save_step_outputs(args, accelerator, models, optimizer, lr_scheduler, done, seed, run_identity,
                                   force_checkpoint=bool(stopped_by) and done < max_train_steps)

@@ -39,6 +39,29 @@ def resolve_embeds_path(path: str | Path) -> Path:
     return path
 
 
+def read_embeddings(file: Path) -> dict[str, torch.Tensor]:
+    """`{token: tensor[n, dim]}` from the common single-text-encoder formats.
+
+    diffusers `{token: T}`; AUTOMATIC1111 `.pt` (`string_to_param`); kohya/InvokeAI `{"emb_params": T}`; OneTrainer
+    `{"emp_params": T}`. The last three carry no usable token name, so, as in AUTOMATIC1111, the file name is the
+    token ("my-toy.pt" -> "my-toy").
+    """
+    # Read the file ourselves (rather than handing load_textual_inversion the path) so we know the token names and
+    # can accept files with several tokens; weights_only keeps a .pt/.bin from running arbitrary pickled code.
+    if file.suffix == ".safetensors":
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    if "string_to_param" in state:
+        return {file.stem: next(iter(state["string_to_param"].values())).float()}
+    for key in ("emb_params", "emp_params"):
+        if key in state:
+            return {file.stem: state[key].float()}
+    if {"clip_l", "clip_g"} <= set(state):
+        raise ValueError(f"{file} is an SDXL embedding (clip_l/clip_g); this loader handles SD 1.x/2.x pipelines")
+    return state
+
+
 def load_learned_embeds(pipeline: StableDiffusionPipeline, path: str | Path) -> list[str]:
     """Add the tokens of a diffusers-format `{token: tensor[n, dim]}` file to `pipeline`; return those tokens.
 
@@ -47,13 +70,7 @@ def load_learned_embeds(pipeline: StableDiffusionPipeline, path: str | Path) -> 
     prompts only ever need the returned names.
     """
     file = resolve_embeds_path(path)
-    # Read the file ourselves (rather than handing load_textual_inversion the
-    # path) so we know the token names and can accept files with several tokens;
-    # weights_only keeps a .bin from running arbitrary pickled code.
-    if file.suffix == ".safetensors":
-        state = load_file(file)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_embeddings(file)
     tokens = list(state)
     if not tokens:
         raise ValueError(f"{file} holds no embeddings")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -35,3 +36,26 @@ def test_generate_names_a_missing_embeddings_file(tiny_pipeline, tmp_path):
                            str(tiny_pipeline), "--learned_embeds", str(tmp_path / "nope.safetensors"), "--prompt", "x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nope.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name, payload", [
+    ("diffusers.safetensors", lambda t: {"my-toy": t}),
+    ("my-toy.pt", lambda t: {"string_to_token": {"*": 265}, "string_to_param": {"*": t}, "name": "x", "step": 3}),
+    ("my-toy.safetensors", lambda t: {"emb_params": t}),
+    ("my-toy.bin", lambda t: {"emp_params": t}),
+], ids=["diffusers", "automatic1111", "kohya", "onetrainer"])
+def test_every_common_format_loads_under_its_token(tiny_pipeline, tmp_path, name, payload):
+    from diffusers import StableDiffusionPipeline
+    from generate import load_learned_embeds
+
+    vectors = torch.randn(2, 32)
+    file = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_file(payload(vectors), str(file))
+    else:
+        torch.save(payload(vectors), file)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None)
+    assert load_learned_embeds(pipe, file) == ["my-toy"]
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt("a photo of my-toy", pipe.tokenizer)).input_ids
+    assert ids[4:6] == [49408, 49409]  # both vectors, expanded from the one token in the prompt
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[49408:].detach(), vectors)
