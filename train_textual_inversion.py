@@ -743,14 +743,15 @@ def log_run_summary(args, num_images: int, num_samples: int, plan: BatchPlan, ma
     logger.info("\n".join(lines))
 
 
-def run_validation(args, accelerator, tokenizer, text_encoder, vae, unet, weight_dtype, seed: int, step: int) -> None:
+def run_validation(args, accelerator, models: Models, seed: int, step: int) -> None:
     """Render --num_validation_images for the validation prompt; save a grid PNG and log it to TensorBoard."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    text_encoder, weight_dtype = models.text_encoder, models.weight_dtype
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-        unet=unet, vae=vae, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        revision=args.revision, variant=args.variant, dtype=weight_dtype)
+        args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder),
+        tokenizer=models.tokenizer, unet=models.unet, vae=models.vae, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, revision=args.revision, variant=args.variant, dtype=weight_dtype)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     prompt = expand_placeholder(args.validation_prompt, args.placeholder_token, args.num_vectors)
@@ -870,8 +871,7 @@ def save_step_outputs(args, accelerator, models: Models, optimizer, lr_scheduler
                                {**run_identity, "seed": seed}, args.checkpoints_total_limit)
         logger.info(f"Saved {path}")
     if args.validation_prompt and done % args.validation_steps == 0 and not force_checkpoint:
-        run_validation(args, accelerator, models.tokenizer, models.text_encoder, models.vae, models.unet,
-                       models.weight_dtype, seed, done)
+        run_validation(args, accelerator, models, seed, done)
 
 
 def train(args, accelerator, models: Models, dataset, plan: BatchPlan, optimizer, lr_scheduler, first_step: int,
@@ -1046,6 +1046,7 @@ def prepare_inputs(args: argparse.Namespace):
 def load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids: list[int],
                        initializer_ids: list[int]) -> Models:
     noise_scheduler, text_encoder, vae, unet = load_models(args)
+    # Refuse an unsupported prediction_type now, not at the first step.
     diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
     vectors = initial_vectors(text_encoder.get_input_embeddings().weight, initializer_ids, args.num_vectors)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
