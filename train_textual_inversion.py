@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mixed_precision", default="no", help="no, fp16 or bf16; frozen weights run in it, the vectors stay fp32.")
     a("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     a("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
+    a("--no_cache_latents", action="store_true",
+      help="Encode the images with the VAE every step instead of once at start-up (same distribution, slower).")
+    a("--compile_unet", action="store_true", help="torch.compile the frozen UNet (slow first steps; see benchmarks/).")
     a("--local_rank", type=int, default=-1, help="Ignored; accepted for torch.distributed.launch compatibility.")
     # outputs
     a("--output_dir", default="text-inversion-model", help="Where learned_embeds, checkpoints and logs go.")
@@ -268,6 +271,8 @@ class PlaceholderEmbedding(torch.nn.Module):
 
     Looking the placeholder ids up in `vectors` instead of in the big matrix is what keeps the gradient, the AdamW
     state and the DDP all-reduce at num_vectors x dim, and the rest of the vocabulary out of the optimizer's reach.
+    The frozen matrix is the base model's own, not resized: no copy of the vocabulary (150 MB for SD 1.5) is made,
+    and ids past its end are only ever read from `vectors`.
     """
 
     def __init__(self, frozen: torch.nn.Embedding, first_placeholder_id: int, vectors: torch.Tensor):
@@ -277,7 +282,7 @@ class PlaceholderEmbedding(torch.nn.Module):
         self.vectors = torch.nn.Parameter(vectors.float().clone())  # fp32 even when the encoder runs in fp16/bf16
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embeds = self.frozen(input_ids)
+        embeds = self.frozen(input_ids.clamp(max=self.frozen.num_embeddings - 1))
         offset = input_ids - self.first_placeholder_id
         is_placeholder = (offset >= 0) & (offset < self.vectors.shape[0])
         learned = self.vectors[offset.clamp(0, self.vectors.shape[0] - 1)].to(embeds.dtype)
@@ -285,21 +290,18 @@ class PlaceholderEmbedding(torch.nn.Module):
         return torch.where(is_placeholder.unsqueeze(-1), learned, embeds)
 
     def merged_weight(self) -> torch.Tensor:
-        """The full embedding matrix with the learned rows written in, for saving a whole pipeline."""
-        weight = self.frozen.weight.detach().clone()
-        n = self.vectors.shape[0]
-        weight[self.first_placeholder_id : self.first_placeholder_id + n] = self.vectors.detach().to(weight.dtype)
+        """The full embedding matrix with the learned rows written in (grown to hold them), for saving a pipeline."""
+        frozen = self.frozen.weight.detach()
+        n, end = self.vectors.shape[0], self.first_placeholder_id + self.vectors.shape[0]
+        weight = frozen.new_empty(max(end, len(frozen)), frozen.shape[1])
+        weight[: len(frozen)] = frozen
+        weight[self.first_placeholder_id : end] = self.vectors.detach().to(weight.dtype)
         return weight
 
 
 def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int], vectors: torch.Tensor):
-    """Grow the text encoder's vocabulary and route the placeholder ids to trainable vectors; return the module."""
-    # mean_resizing off: the new rows are overwritten just below, no need to sample them.
-    text_encoder.resize_token_embeddings(max(placeholder_token_ids) + 1, mean_resizing=False)
-    frozen = text_encoder.get_input_embeddings()
-    with torch.no_grad():  # rows a full-pipeline save will write; keep them meaningful, not random
-        frozen.weight[placeholder_token_ids] = vectors.to(frozen.weight.dtype)
-    module = PlaceholderEmbedding(frozen, placeholder_token_ids[0], vectors)
+    """Route the placeholder ids to trainable vectors inside the text encoder; return the module that holds them."""
+    module = PlaceholderEmbedding(text_encoder.get_input_embeddings(), placeholder_token_ids[0], vectors)
     text_encoder.set_input_embeddings(module)
     return module
 
@@ -389,29 +391,69 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """Images x repeats, each with a template and a flip drawn from (seed, epoch, index).
 
     Items are keyed by `(epoch, index)` so the same key always gives the same sample, whichever worker or process
-    draws it, and a resumed run sees exactly what the uninterrupted one would have.
+    draws it, and a resumed run sees exactly what the uninterrupted one would have. An item names its image and flip
+    rather than carrying pixels: the step looks the latents up in the cache (see ImageLatents).
     """
 
-    def __init__(self, images: torch.Tensor, template_input_ids: torch.Tensor, repeats: int, seed: int):
-        self.images = images
+    def __init__(self, num_images: int, template_input_ids: torch.Tensor, repeats: int, seed: int):
+        self.num_images = num_images
         self.template_input_ids = template_input_ids
         self.repeats = repeats
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.images) * self.repeats
+        return self.num_images * self.repeats
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int | bool]:
         epoch, index = key
         rng = random.Random(derived_seed(self.seed, "item", epoch, index))
         template = rng.randrange(len(self.template_input_ids))
-        pixels = self.images[index % len(self.images)]
-        if rng.random() < 0.5:
-            pixels = pixels.flip(-1)
-        return {
-            "pixel_values": pixels.float() / 127.5 - 1.0,
-            "input_ids": self.template_input_ids[template],
-        }
+        return {"image_index": index % self.num_images, "flip": rng.random() < 0.5,
+                "input_ids": self.template_input_ids[template]}
+
+
+def pixel_values(images: torch.Tensor, image_index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The VAE's input: uint8 images picked by index, in [-1, 1], mirrored left-right where `flip` is set."""
+    pixels = images[image_index].float() / 127.5 - 1.0
+    return torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+
+
+def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (float32) of the VAE's diagonal Gaussian posterior for a batch of pixels."""
+    with torch.no_grad():
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean.float(), posterior.std.float()
+
+
+@dataclass
+class ImageLatents:
+    """Where each step's image latents come from: the VAE posterior of every image in both flip states, computed
+    once at start-up (`cache`), or the VAE run on the step's pixels (`--no_cache_latents`).
+
+    Either way a latent is `mean + std * N(0, 1)`, drawn from the step's generator exactly as
+    `latent_dist.sample(generator)` would, so the cache changes the cost, not the distribution the UNet sees.
+    """
+
+    images: torch.Tensor  # uint8 [N, 3, H, W] on the CPU
+    vae: torch.nn.Module
+    mean: torch.Tensor | None = None  # float32 [N, 2 (flip), C, h, w] on the device, when cached
+    std: torch.Tensor | None = None
+
+    def cache(self) -> None:
+        both = torch.tensor([False, True])
+        pairs = [encode_posterior(self.vae, pixel_values(self.images, torch.tensor([i, i]), both))
+                 for i in range(len(self.images))]  # one image at a time: bounded memory at any resolution
+        self.mean, self.std = (torch.stack(tensors) for tensors in zip(*pairs))
+
+    def sample(self, image_index: torch.Tensor, flip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled float32 latents for a batch, one posterior draw each."""
+        if self.mean is None:
+            mean, std = encode_posterior(self.vae, pixel_values(self.images, image_index, flip))
+        else:
+            index, flip = image_index.to(self.mean.device), flip.to(self.mean.device, torch.long)
+            mean, std = self.mean[index, flip], self.std[index, flip]
+        sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return sample * self.vae.config.scaling_factor
 
 
 def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
@@ -628,20 +670,18 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
                      "supported; textual inversion here trains epsilon or v_prediction models")
 
 
-def training_loss(batch: dict, text_encoder, vae, unet, noise_scheduler, generator: torch.Generator,
-                  weight_dtype: torch.dtype) -> torch.Tensor:
+def training_loss(batch: dict, models: Models, generator: torch.Generator) -> torch.Tensor:
     """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target."""
-    device = generator.device
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, weight_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    device, scheduler = generator.device, models.noise_scheduler
+    latents = models.latents.sample(batch["image_index"], batch["flip"], generator)
+    # Noise, noising and target in float32 whatever the compute dtype; only the UNet's input is cast down.
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = text_encoder(batch["input_ids"].to(device))[0].to(weight_dtype)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps).to(models.weight_dtype)
+    encoder_hidden_states = models.text_encoder(batch["input_ids"].to(device))[0].to(models.weight_dtype)
+    model_pred = models.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    target = diffusion_target(scheduler, latents, noise, timesteps)
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
@@ -683,21 +723,31 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def vae_dtype_for(weight_dtype: torch.dtype, vae) -> torch.dtype:
+    """SD VAEs overflow to NaN in fp16 (their configs say `force_upcast`); bf16 has fp32's range and is safe."""
+    return torch.float32 if weight_dtype == torch.float16 and vae.config.get("force_upcast", True) else weight_dtype
+
+
 def freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype: torch.dtype) -> None:
     """Freeze every model weight, move the models to the device in the compute dtype, set memory options."""
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
-        model.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            model.to(dtype=weight_dtype)
+        model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
     vae.eval()
     text_encoder.train()  # CLIP has no dropout; train mode only lets gradient checkpointing engage
     if args.gradient_checkpointing:
         text_encoder.gradient_checkpointing_enable()
         unet.enable_gradient_checkpointing()
         unet.train()
-    if args.enable_xformers_memory_efficient_attention:
+    if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default
         unet.enable_xformers_memory_efficient_attention()
+    if args.compile_unet:
+        import torch._inductor.config
+
+        # With its channels-last layout pass, Inductor (torch 2.13, CPU) silently gets the gradient to the text
+        # conditioning wrong through the UNet's nearest upsampling; tests/test_speed.py compares with eager.
+        torch._inductor.config.layout_optimization = False
+        unet.compile()  # in place: the module stays a UNet2DConditionModel for validation and saving
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -789,6 +839,7 @@ def save_full_pipeline(args, accelerator, models: Models) -> None:
     text_encoder = accelerator.unwrap_model(models.text_encoder)
     merged = torch.nn.Embedding.from_pretrained(models.embedding.merged_weight(), freeze=True)
     text_encoder.set_input_embeddings(merged)
+    vocab_size, text_encoder.config.vocab_size = text_encoder.config.vocab_size, merged.num_embeddings
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=models.tokenizer,
@@ -796,6 +847,7 @@ def save_full_pipeline(args, accelerator, models: Models) -> None:
         pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
     finally:
         text_encoder.set_input_embeddings(models.embedding)
+        text_encoder.config.vocab_size = vocab_size
 
 
 @dataclass
@@ -809,6 +861,7 @@ class Models:
     noise_scheduler: object
     embedding: PlaceholderEmbedding
     weight_dtype: torch.dtype
+    latents: ImageLatents
 
 
 class TrainingStopped(Exception):
@@ -849,8 +902,7 @@ def accumulate_step(accelerator, models: Models, micro_batches: list[dict], step
         last = i == len(micro_batches) - 1
         # Gradients of the accumulation's earlier micro-batches stay local: one all-reduce per step.
         with contextlib.nullcontext() if last else accelerator.no_sync(models.text_encoder):
-            loss = training_loss(batch, models.text_encoder, models.vae, models.unet, models.noise_scheduler,
-                                 generator, models.weight_dtype)
+            loss = training_loss(batch, models, generator)
             accelerator.backward(loss / len(micro_batches))
         step_loss += loss.detach() / len(micro_batches)
     return step_loss
@@ -982,11 +1034,11 @@ def main(args: argparse.Namespace) -> TrainResult:
     # 2. Tokens, templates and images: all the user's input is checked before the big models load.
     tokenizer, placeholder_token_ids, initializer_ids, template_input_ids, images = prepare_inputs(args)
 
-    # 3. Frozen models in the compute dtype; the placeholder rows become the only trainable tensor.
-    models = load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids, initializer_ids)
+    # 3. Frozen models in the compute dtype; the placeholder rows become the only trainable tensor; image latents.
+    models = load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids, initializer_ids, images)
 
     # 4. Data plan, learning rate, optimizer; only the text encoder (holding the vectors) goes under DDP.
-    dataset = TextualInversionDataset(images, template_input_ids, args.repeats, seed)
+    dataset = TextualInversionDataset(len(images), template_input_ids, args.repeats, seed)
     plan = BatchPlan(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
                      accelerator.num_processes, accelerator.process_index, seed)
     max_train_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
@@ -1043,8 +1095,8 @@ def prepare_inputs(args: argparse.Namespace):
     return tokenizer, placeholder_token_ids, initializer_ids, template_input_ids, images
 
 
-def load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids: list[int],
-                       initializer_ids: list[int]) -> Models:
+def load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids: list[int], initializer_ids: list[int],
+                       images: torch.Tensor) -> Models:
     noise_scheduler, text_encoder, vae, unet = load_models(args)
     # Refuse an unsupported prediction_type now, not at the first step.
     diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
@@ -1053,7 +1105,12 @@ def load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids: list
     freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype)
     # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
     embedding = install_placeholder_embedding(text_encoder, placeholder_token_ids, vectors.to(accelerator.device))
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, embedding, weight_dtype)
+    latents = ImageLatents(images, vae)
+    if not args.no_cache_latents:
+        # The same 3-5 images would otherwise go through the VAE encoder at every step (~15% of an SD step).
+        latents.cache()
+        logger.info(f"Cached the VAE posterior of {len(images)} image(s) x 2 flips")
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, embedding, weight_dtype, latents)
 
 
 def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, resumed: tuple,

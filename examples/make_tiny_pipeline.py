@@ -103,6 +103,58 @@ def build_clip_tokenizer(save_dir: str | Path) -> CLIPTokenizer:
 
 def build_tiny_pipeline(output_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Build and save a tiny random SD-1.x pipeline; returns `output_dir` (loadable with from_pretrained)."""
+    text_encoder = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vae = dict(
+        # Four levels like SD so vae_scale_factor is 8 and latent shapes match the
+        # real model at any resolution; the widths are what keep it tiny.
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 16, 16),
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    )
+    unet = dict(
+        sample_size=8,  # 8 latents * 8 = 64 px default resolution
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        attention_head_dim=8,
+        cross_attention_dim=TEXT_HIDDEN,
+    )
+    return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed, prediction_type)
+
+
+def build_sd15_shaped_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
+    """Stable Diffusion 1.5's exact layer sizes (1.07 B parameters, ~4.3 GB in fp32) with random weights.
+
+    For benchmarks: its step costs what SD 1.5's does, though its images are noise.
+    """
+    text_encoder = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    vae = dict(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        sample_size=512,
+    )
+    unet = dict(
+        sample_size=64,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+    )
+    return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed)
+
+
+def save_sd1_pipeline(output_dir: str | Path, text_encoder_config: dict, vae_config: dict, unet_config: dict,
+                      seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """An SD-1.x pipeline of the given sizes, the real CLIP tokenizer and SD's noise schedule, saved to output_dir."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -116,48 +168,21 @@ def build_tiny_pipeline(output_dir: str | Path, seed: int = 0, prediction_type: 
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=VOCAB_SIZE,
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="quick_gelu",  # what SD-1.x's CLIP ViT-L uses
-            projection_dim=TEXT_HIDDEN,
+            projection_dim=text_encoder_config["hidden_size"],
             # Real ids, not the legacy 0/1/2 of SD's config: with eos=49407 CLIP
             # pools at the first EOS, which is what a new placeholder token needs.
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **text_encoder_config,
         )
     )
-
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        # Four levels like SD so vae_scale_factor is 8 and latent shapes match the
-        # real model at any resolution; the widths are what keep it tiny.
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        norm_num_groups=8,
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
-
+    vae = AutoencoderKL(latent_channels=4, scaling_factor=0.18215, **vae_config)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,  # 8 latents * 8 = 64 px default resolution
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=32,
-        attention_head_dim=8,
-        cross_attention_dim=TEXT_HIDDEN,
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_config)
 
     # SD-1.x's schedule. from_config (not the constructor) keeps set_alpha_to_one
     # in the saved config, so DDIM/PNDM built from it behave like SD's.

@@ -120,6 +120,9 @@ CASES = [
          ("--train_data_dir", "empty.png"), late=True),
     Case("resolution-not-multiple-of-vae-factor", lambda c: base(c, "--resolution", "36"), "--resolution", late=True),
     Case("report-to-unknown-tracker", lambda c: base(c, "--report_to", "foo"), "--report_to"),
+    Case("xformers-not-installed", lambda c: base(c, "--enable_xformers_memory_efficient_attention"),
+         ("--enable_xformers_memory_efficient_attention", "pip install xformers"),
+         marks=[pytest.mark.skipif(tti._importable("xformers"), reason="xformers is installed here")]),
 ]
 
 

@@ -150,6 +150,17 @@ def test_placeholder_embedding_keeps_fp32_vectors_over_a_bf16_matrix(embedding):
     assert torch.equal(out[0, 1], embedding.vectors[0].to(torch.bfloat16))
 
 
+def test_placeholder_ids_past_the_end_of_the_base_matrix():
+    """The real case: the base vocabulary is not resized, the placeholder ids come right after it."""
+    frozen = torch.nn.Embedding(5, 4)
+    embedding = tti.PlaceholderEmbedding(frozen, 5, torch.randn(2, 4))
+    out = embedding(torch.tensor([[0, 5, 4, 6]]))
+    assert torch.equal(out[0], torch.stack([frozen.weight[0], embedding.vectors[0], frozen.weight[4],
+                                            embedding.vectors[1]]))
+    merged = embedding.merged_weight()
+    assert merged.shape == (7, 4) and torch.equal(merged[:5], frozen.weight) and torch.equal(merged[5:], embedding.vectors)
+
+
 def test_merged_weight_writes_the_rows_and_leaves_others_bit_identical(embedding):
     before = embedding.frozen.weight.detach().clone()
     with torch.no_grad():
@@ -338,11 +349,8 @@ def test_load_training_images_refuses_no_images():
 
 
 def make_dataset(num_images=2, repeats=5, num_templates=5, seed=0) -> tti.TextualInversionDataset:
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (num_images, 3, 4, 4), dtype=torch.uint8, generator=gen)
-    images[:, :, 0, 0], images[:, :, 0, 1] = 0, 255  # extremes, and no image is left-right symmetric
     template_ids = torch.arange(num_templates * 6).view(num_templates, 6)  # distinct rows
-    return tti.TextualInversionDataset(images, template_ids, repeats, seed)
+    return tti.TextualInversionDataset(num_images, template_ids, repeats, seed)
 
 
 def test_dataset_len_is_images_times_repeats():
@@ -353,30 +361,32 @@ def test_dataset_same_key_gives_the_same_item():
     a, b = make_dataset(), make_dataset()
     for key in [(0, 0), (3, 7), (12, 9)]:
         x, y, z = a[key], a[key], b[key]
-        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["pixel_values"], z["pixel_values"])
+        assert x["image_index"] == y["image_index"] == z["image_index"] == key[1] % 2
+        assert x["flip"] == y["flip"] == z["flip"]
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["input_ids"], z["input_ids"])
 
 
-def test_dataset_pixels_are_in_minus_one_to_one():
-    item = make_dataset()[(0, 0)]["pixel_values"]
-    assert item.dtype == torch.float32 and item.shape == (3, 4, 4)
-    assert item.min() == -1.0 and item.max() == 1.0
+def test_pixel_values_are_in_minus_one_to_one_and_flip_per_item():
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, :, 0, 0], images[:, :, 0, 1] = 0, 255  # extremes, and no image is left-right symmetric
+    pixels = tti.pixel_values(images, torch.tensor([1, 0, 1]), torch.tensor([False, False, True]))
+    upright = images.float() / 127.5 - 1
+    assert pixels.dtype == torch.float32 and pixels.shape == (3, 3, 4, 4)
+    assert pixels.min() == -1.0 and pixels.max() == 1.0
+    assert torch.equal(pixels[0], upright[1]) and torch.equal(pixels[1], upright[0])
+    assert torch.equal(pixels[2], upright[1].flip(-1)) and not torch.equal(pixels[2], pixels[0])
 
 
 def test_dataset_flips_and_templates_vary_independently():
     ds = make_dataset(num_images=1, repeats=200)
-    upright = ds.images[0].float() / 127.5 - 1
     seen = set()
     for index in range(200):
         item = ds[(0, index)]
-        flipped = torch.equal(item["pixel_values"], upright.flip(-1))
-        assert flipped or torch.equal(item["pixel_values"], upright)
-        template = int(item["input_ids"][0]) // 6
-        seen.add((template, flipped))
+        assert item["image_index"] == 0 and isinstance(item["flip"], bool)
+        seen.add((int(item["input_ids"][0]) // 6, item["flip"]))
     assert {t for t, f in seen if f} == {t for t, f in seen if not f} == set(range(5))
     # And one sample is drawn afresh each epoch, not fixed by its index.
-    per_epoch = {(int(ds[(epoch, 3)]["input_ids"][0]) // 6, torch.equal(ds[(epoch, 3)]["pixel_values"], upright))
-                 for epoch in range(40)}
+    per_epoch = {(int(ds[(epoch, 3)]["input_ids"][0]) // 6, ds[(epoch, 3)]["flip"]) for epoch in range(40)}
     assert len({t for t, _ in per_epoch}) > 1 and len({f for _, f in per_epoch}) == 2
 
 
@@ -439,8 +449,8 @@ def test_iterate_steps_resumed_matches_the_uninterrupted_run(first_step):
     for step, mbs in resumed.items():
         assert len(mbs) == len(full[step])
         for got, want in zip(mbs, full[step]):
-            assert torch.equal(got["input_ids"], want["input_ids"])
-            assert torch.equal(got["pixel_values"], want["pixel_values"])
+            for key in ("input_ids", "image_index", "flip"):
+                assert torch.equal(got[key], want[key])
 
 
 def test_iterate_steps_stops_before_max_train_steps():

@@ -117,8 +117,9 @@ def test_sigint_saves_prints_the_resume_command_and_resumes_exactly(tiny_pipelin
 
 def test_second_ctrl_c_exits_at_once(tiny_pipeline, concept_dir, tmp_path):
     out = tmp_path / "out"
+    # 64 micro-batches a step (--repeats fills the epoch), so the second signal lands while the step still runs.
     proc = start_cli(train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "100000", "--save_steps", "1",
-                                "--gradient_accumulation_steps", "16"))
+                                "--gradient_accumulation_steps", "64", "--repeats", "64"))
     wait_for(out / "learned_embeds-steps-1.safetensors", proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
