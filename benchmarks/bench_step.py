@@ -10,7 +10,7 @@ backward, all-reduce, optimizer, logging: the step as the script runs it). After
 same models, it times the compute floor: text encoder + UNet forward and backward alone, same shapes.
 
 Columns: step = median step time after warm-up; floor = median floor time; ratio = step / floor; start-up = process
-start to the first step; peak = peak resident memory (CPU) or allocated memory (CUDA) while training, with the peak
+start to the first step; first step = its time (compilation happens there); peak = peak resident memory (CPU) or allocated memory (CUDA) while training, with the peak
 while loading in brackets; base = what the process held just before loading the models (on a CPU, ~0.5 GB of
 Python and libraries); weights = bytes of the frozen text encoder, VAE and UNet; grad/step = bytes of the
 trainable parameters, which is what DDP all-reduces each step; ckpt = one checkpoint-N folder.
@@ -126,6 +126,7 @@ def measure(args: argparse.Namespace, process_start: float) -> dict:
     weights = sum(t.numel() * t.element_size() for m in (models.text_encoder, models.vae, models.unet)
                   for t in [*m.parameters(), *m.buffers()])
     return {"step_s": statistics.median(steps), "floor_s": statistics.median(floor),
+            "first_step_s": seen["stamps"][1] - seen["stamps"][0],
             "startup_s": seen["first_step_wall"] - process_start, "peak_bytes": train_peak,
             "load_peak_bytes": seen["load_peak"], "baseline_bytes": seen["baseline"], "weights_bytes": weights,
             "grad_bytes": sum(p.numel() * p.element_size() for p in models.text_encoder.parameters()
@@ -200,12 +201,12 @@ def mib(n: float) -> str:
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     print(f"pipeline {args.pipeline}, {args.resolution} px, batch {args.batch_size}, precision {args.mixed_precision}, "
           f"{rows[0]['device']}, {rows[0]['threads']} torch threads; median of {args.steps} steps")
-    head = ["variant", "step", "floor", "ratio", "start-up", "peak (load)", "weights", "peak/weights",
+    head = ["variant", "step", "floor", "ratio", "start-up", "first step", "peak (load)", "weights", "peak/weights",
             "(peak-base)/weights", "grad/step", "ckpt"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["variant"], f"{r['step_s']:.3f} s", f"{r['floor_s']:.3f} s", f"{r['step_s'] / r['floor_s']:.3f}",
-                 f"{r['startup_s']:.1f} s", f"{mib(r['peak_bytes'])} ({mib(r['load_peak_bytes'])})",
+                 f"{r['startup_s']:.1f} s", f"{r['first_step_s']:.1f} s", f"{mib(r['peak_bytes'])} ({mib(r['load_peak_bytes'])})",
                  mib(r["weights_bytes"]), f"{r['peak_bytes'] / r['weights_bytes']:.2f}",
                  f"{(r['peak_bytes'] - r['baseline_bytes']) / r['weights_bytes']:.2f}", mib(r["grad_bytes"]),
                  mib(r["checkpoint_bytes"])]
