@@ -38,6 +38,8 @@ __version__ = "0.1.0"
 
 logger = logging.getLogger("textual_inversion")
 
+# model_index.json's _class_name -> the family this script trains it as.
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -306,6 +308,31 @@ def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int]
     return module
 
 
+class PromptEncoder(torch.nn.Module):
+    """The text encoder(s) as the UNet consumes them; it holds every trainable tensor, so DDP wraps this one module.
+
+    SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate hidden states side by side, plus the second
+    encoder's pooled projection (the UNet's `text_embeds`), as StableDiffusionXLPipeline.encode_prompt computes them.
+    """
+
+    def __init__(self, text_encoders: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.text_encoders = torch.nn.ModuleList(text_encoders)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids `[batch, num_text_encoders, 77]` -> (encoder hidden states, pooled embedding or None)."""
+        if len(self.text_encoders) == 1:
+            return self.text_encoders[0](input_ids[:, 0])[0], None
+        outputs = [encoder(input_ids[:, i], output_hidden_states=True) for i, encoder in enumerate(self.text_encoders)]
+        return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1][0]
+
+
+def embeds_keys(placeholder_token: str, num_text_encoders: int) -> list[str]:
+    """Names of the saved tensors: `{token: T}` for one text encoder (diffusers' format), SDXL's `clip_l`/`clip_g`
+    (kohya's, AUTOMATIC1111's, ComfyUI's and InvokeAI's format) for two."""
+    return [placeholder_token] if num_text_encoders == 1 else ["clip_l", "clip_g"]
+
+
 # ---- Templates and data ----------------------------------------------------------------------------------------------
 def load_templates(path: str | None, learnable_property: str = "object") -> list[str]:
     """The built-in templates, or the user's file: one per line, `{}` marks the token, `#` lines are comments."""
@@ -363,11 +390,13 @@ def prepare_image(image: Image.Image, resolution: int, center_crop: bool) -> tor
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bool) -> torch.Tensor:
-    """Open and check every image before training starts: uint8 `[N, 3, H, W]`. A bad file is named."""
+def load_training_images(paths: Sequence[Path], resolution: int,
+                         center_crop: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Open and check every image before training starts: uint8 `[N, 3, H, W]` and each upright image's original
+    (height, width). A bad file is named."""
     if not paths:
         raise UsageError("--train_data_dir has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif): add 3-5")
-    tensors = []
+    tensors, sizes = [], []
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -376,9 +405,27 @@ def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bo
                     logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution "
                                    f"{resolution}: it will be upscaled and look soft")
                 tensors.append(prepare_image(image, resolution, center_crop))
+                transposed = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+                sizes.append((image.width, image.height) if transposed else (image.height, image.width))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UsageError(f"--train_data_dir: cannot read image {path} ({e}); fix or remove it") from None
-    return torch.stack(tensors)
+    return torch.stack(tensors), sizes
+
+
+def sdxl_time_ids(original_sizes: Sequence[tuple[int, int]], resolution: int, center_crop: bool) -> torch.Tensor:
+    """SDXL's size conditioning per image, float32 `[N, 6]`: original (h, w), crop top-left (y, x), target (h, w).
+
+    As SDXL's training data was described to it: the crop offset is where --center_crop cut the image, measured in
+    the resized image, so a centred square crop of a landscape photo reads (0, x > 0). Flips leave it unchanged.
+    """
+    rows = []
+    for height, width in original_sizes:
+        top = left = 0.0
+        if center_crop:
+            side = min(height, width)
+            top, left = (height - side) // 2 * resolution / side, (width - side) // 2 * resolution / side
+        rows.append([height, width, round(top), round(left), resolution, resolution])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def derived_seed(*parts: object) -> int:
@@ -555,16 +602,16 @@ def embeds_filename(stem: str, safe_serialization: bool) -> str:
     return f"{stem}.safetensors" if safe_serialization else f"{stem}.bin"
 
 
-def save_learned_embeds(vectors: torch.Tensor, placeholder_token: str, path: str | Path,
-                        safe_serialization: bool = True, metadata: dict[str, str] | None = None) -> None:
-    """Write `{placeholder_token: float32 [num_vectors, dim]}`, the format load_textual_inversion reads.
+def save_learned_embeds(embeds: dict[str, torch.Tensor], path: str | Path, safe_serialization: bool = True,
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write `{name: float32 [num_vectors, dim]}` (see embeds_keys), with the run's metadata in a .safetensors.
 
     Written to a temporary name and renamed, so a crash never leaves a file that exists but does not load.
     """
     import safetensors.torch
 
     path = Path(path)
-    tensors = {placeholder_token: vectors.detach().float().cpu().contiguous()}
+    tensors = {name: vectors.detach().float().cpu().contiguous() for name, vectors in embeds.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     if safe_serialization:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
@@ -587,8 +634,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placeholder_token: str, state: dict,
-                    training_state: dict, total_limit: int | None) -> Path:
+def save_checkpoint(output_dir: Path, step: int, embeds: dict[str, torch.Tensor], state: dict, training_state: dict,
+                    total_limit: int | None, metadata: dict[str, str] | None = None) -> Path:
     """checkpoint-N: vectors, optimizer/LR-scheduler/scaler state and the run's identity; not the text encoder.
 
     Built in a hidden folder and renamed into place, so `--resume_from_checkpoint latest` never picks a half one.
@@ -597,7 +644,7 @@ def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placehol
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_learned_embeds(vectors, placeholder_token, tmp / "learned_embeds.safetensors")
+    save_learned_embeds(embeds, tmp / "learned_embeds.safetensors", metadata=metadata)
     torch.save(state, tmp / "optimizer.pt")
     (tmp / "training_state.json").write_text(json.dumps({**training_state, "step": step}, indent=2))
     for path in (tmp / "optimizer.pt", tmp / "training_state.json", tmp):
@@ -612,13 +659,13 @@ def save_checkpoint(output_dir: Path, step: int, vectors: torch.Tensor, placehol
     return final
 
 
-def load_checkpoint(path: Path, expected: dict) -> tuple[dict, torch.Tensor, dict]:
-    """(training_state, vectors, optimizer state) of a checkpoint, refusing one made for another concept or model."""
+def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(training_state, embeds, optimizer state) of a checkpoint, refusing one made for another concept or model."""
     import safetensors.torch
 
     try:
         training_state = json.loads((path / "training_state.json").read_text())
-        vectors = next(iter(safetensors.torch.load_file(str(path / "learned_embeds.safetensors")).values()))
+        embeds = safetensors.torch.load_file(str(path / "learned_embeds.safetensors"))
         state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         training_state["step"], training_state["seed"], state["optimizer"], state["lr_scheduler"]
     except Exception as e:  # any damage (truncated, unpicklable, missing keys) means: not this checkpoint
@@ -627,35 +674,68 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, torch.Tensor, dic
         if training_state.get(key) != value:
             raise UsageError(f"--resume_from_checkpoint {path} was made with {key}={training_state.get(key)!r}, "
                              f"this run has {value!r}; resume with the same settings or start a new --output_dir")
-    return training_state, vectors, state
+    return training_state, embeds, state
 
 
 # ---- Models and the training step ------------------------------------------------------------------------------------
-def load_models(args: argparse.Namespace):
-    """Scheduler, text encoder, VAE and UNet: the ordinary from_pretrained path, local folder or hub id alike."""
+def pipeline_family(args: argparse.Namespace) -> str:
+    """'sd' (SD 1.x and 2.x: one CLIP text encoder) or 'sdxl' (two), read from the pipeline's model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    name = args.pretrained_model_name_or_path
+    try:
+        class_name = DiffusionPipeline.load_config(name, revision=args.revision).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--pretrained_model_name_or_path {name}: cannot read its model_index.json "
+                         f"({str(e).splitlines()[0]})") from None
+    if class_name not in PIPELINE_FAMILIES:
+        raise UsageError(f"--pretrained_model_name_or_path {name} is a {class_name}; this script trains "
+                         f"{' and '.join(PIPELINE_FAMILIES)} models (SD 1.x, 2.x and SDXL)")
+    return PIPELINE_FAMILIES[class_name]
+
+
+def load_models(args: argparse.Namespace, family: str):
+    """Scheduler, text encoder(s), VAE and UNet: the ordinary from_pretrained path, local folder or hub id alike."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     source = dict(revision=args.revision, variant=args.variant)
     name = args.pretrained_model_name_or_path
     noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision)
-    text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **source)
+    text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **source)]
+    if family == "sdxl":  # the second one also gives the pooled projection the SDXL UNet is conditioned on
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **source))
     vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **source)
     unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **source)
-    return noise_scheduler, text_encoder, vae, unet
+    return noise_scheduler, text_encoders, vae, unet
 
 
-def load_tokenizer(args: argparse.Namespace):
+def load_tokenizers(args: argparse.Namespace, family: str) -> list:
+    """The pipeline's tokenizer (SD) or two tokenizers (SDXL); --tokenizer_name replaces an SD pipeline's."""
     from transformers import CLIPTokenizer
 
+    if args.tokenizer_name and family == "sdxl":
+        raise UsageError("--tokenizer_name is for SD 1.x/2.x pipelines; SDXL's two tokenizers come from the pipeline")
     name = args.tokenizer_name or args.pretrained_model_name_or_path
     try:
         if args.tokenizer_name:
-            return CLIPTokenizer.from_pretrained(name)
-        return CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", revision=args.revision)
+            return [CLIPTokenizer.from_pretrained(name)]
+        subfolders = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+        return [CLIPTokenizer.from_pretrained(name, subfolder=sub, revision=args.revision) for sub in subfolders]
     except OSError as e:  # not found, offline, no tokenizer folder: say which, without a traceback
         flag = "--tokenizer_name" if args.tokenizer_name else "--pretrained_model_name_or_path"
         raise UsageError(f"{flag} {name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def pool_at_end_of_text(text_encoder, tokenizer) -> None:
+    """Pool CLIP's output at the end-of-text token, not at the largest token id.
+
+    Configs older than transformers' fix (eos_token_id 2, as in SD and SDXL) make CLIP pool at the largest id, which
+    is a placeholder's once one is added. SDXL's UNet is conditioned on that pooled vector; SDXL was trained with it
+    taken at end-of-text, and AUTOMATIC1111, ComfyUI and kohya take it there. SD 1.x/2.x do not use it.
+    """
+    pooling_module = getattr(text_encoder, "text_model", text_encoder)  # where the model keeps its copy of the id
+    text_encoder.config.eos_token_id = pooling_module.eos_token_id = tokenizer.eos_token_id
 
 
 def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -679,8 +759,13 @@ def training_loss(batch: dict, models: Models, generator: torch.Generator) -> to
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps).to(models.weight_dtype)
-    encoder_hidden_states = models.text_encoder(batch["input_ids"].to(device))[0].to(models.weight_dtype)
-    model_pred = models.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    encoder_hidden_states, pooled = models.prompt_encoder(batch["input_ids"].to(device))
+    added_conditions = None
+    if pooled is not None:  # SDXL: pooled text embedding and (original size, crop, target size) per image
+        added_conditions = {"text_embeds": pooled.to(models.weight_dtype),
+                            "time_ids": models.time_ids[batch["image_index"].to(device)].to(models.weight_dtype)}
+    model_pred = models.unet(noisy_latents, timesteps, encoder_hidden_states.to(models.weight_dtype),
+                             added_cond_kwargs=added_conditions).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
@@ -728,15 +813,17 @@ def vae_dtype_for(weight_dtype: torch.dtype, vae) -> torch.dtype:
     return torch.float32 if weight_dtype == torch.float16 and vae.config.get("force_upcast", True) else weight_dtype
 
 
-def freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype: torch.dtype) -> None:
+def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: torch.dtype) -> None:
     """Freeze every model weight, move the models to the device in the compute dtype, set memory options."""
-    for model in (text_encoder, vae, unet):
+    for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
         model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
     vae.eval()
-    text_encoder.train()  # CLIP has no dropout; train mode only lets gradient checkpointing engage
+    for text_encoder in text_encoders:
+        text_encoder.train()  # CLIP has no dropout; train mode only lets gradient checkpointing engage
+        if args.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
     if args.gradient_checkpointing:
-        text_encoder.gradient_checkpointing_enable()
         unet.enable_gradient_checkpointing()
         unet.train()
     if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default
@@ -763,10 +850,11 @@ def check_vae_factor(args: argparse.Namespace) -> None:
                          f"use e.g. {max(args.resolution // factor, 1) * factor}")
 
 
-def make_optimizer_and_schedule(args, embedding: PlaceholderEmbedding, learning_rate: float, max_train_steps: int):
+def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], learning_rate: float,
+                                max_train_steps: int):
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW([embedding.vectors], lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = torch.optim.AdamW([e.vectors for e in embeddings], lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # Stepped once per optimizer step by us, not by accelerate (which would step it once per process).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -774,11 +862,12 @@ def make_optimizer_and_schedule(args, embedding: PlaceholderEmbedding, learning_
     return optimizer, lr_scheduler
 
 
-def log_run_summary(args, num_images: int, num_samples: int, plan: BatchPlan, max_train_steps: int,
-                    learning_rate: float, first_step: int, placeholder_token_ids: list[int], seed: int) -> None:
+def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max_train_steps: int,
+                    learning_rate: float, first_step: int, seed: int) -> None:
     lines = [
         "***** Running training *****",
-        f"  Num images = {num_images} (x {args.repeats} repeats = {num_samples} samples per epoch)",
+        f"  Model family = {inputs.family} ({len(inputs.tokenizers)} text encoder(s))",
+        f"  Num images = {len(inputs.images)} (x {args.repeats} repeats = {num_samples} samples per epoch)",
         f"  Num processes = {plan.num_processes}",
         f"  Instantaneous batch size per device = {args.train_batch_size}",
         f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
@@ -788,29 +877,28 @@ def log_run_summary(args, num_images: int, num_samples: int, plan: BatchPlan, ma
         f"epochs = {math.ceil(max_train_steps / plan.steps_per_epoch)}",
         f"  Total optimization steps = {max_train_steps} (starting at {first_step})",
         f"  Learning rate = {learning_rate:g}" + (" (scaled by --scale_lr)" if args.scale_lr else ""),
-        f"  Placeholder token ids = {placeholder_token_ids}, seed = {seed}",
+        f"  Placeholder token ids = {inputs.placeholder_token_ids[0]}, seed = {seed}",
     ]
     logger.info("\n".join(lines))
 
 
 def run_validation(args, accelerator, models: Models, seed: int, step: int) -> None:
     """Render --num_validation_images for the validation prompt; save a grid PNG and log it to TensorBoard."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
-    text_encoder, weight_dtype = models.text_encoder, models.weight_dtype
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder),
-        tokenizer=models.tokenizer, unet=models.unet, vae=models.vae, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, revision=args.revision, variant=args.variant, dtype=weight_dtype)
+    weight_dtype = models.weight_dtype
+    pipeline = pipeline_class(models.family).from_pretrained(
+        args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
+        variant=args.variant, dtype=weight_dtype)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     prompt = expand_placeholder(args.validation_prompt, args.placeholder_token, args.num_vectors)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    text_encoder.eval()
+    models.prompt_encoder.eval()
     with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
         images = pipeline(prompt, num_images_per_prompt=args.num_validation_images, num_inference_steps=25,
                           height=args.resolution, width=args.resolution, generator=generator).images
-    text_encoder.train()
+    models.prompt_encoder.train()
     folder = Path(args.output_dir, "validation")
     folder.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(folder / f"step-{step}.png")
@@ -832,36 +920,60 @@ def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def save_full_pipeline(args, accelerator, models: Models) -> None:
-    """The base pipeline with the learned rows written into an ordinary embedding matrix."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    text_encoder = accelerator.unwrap_model(models.text_encoder)
-    merged = torch.nn.Embedding.from_pretrained(models.embedding.merged_weight(), freeze=True)
-    text_encoder.set_input_embeddings(merged)
-    vocab_size, text_encoder.config.vocab_size = text_encoder.config.vocab_size, merged.num_embeddings
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def pipeline_parts(accelerator, models: Models) -> dict:
+    """The components this run has in memory, as from_pretrained keyword arguments (the scheduler is reloaded)."""
+    encoders = accelerator.unwrap_model(models.prompt_encoder).text_encoders
+    suffixes = ["", "_2"][: len(encoders)]
+    parts = {"unet": models.unet, "vae": models.vae}
+    parts.update({f"text_encoder{suffix}": encoder for suffix, encoder in zip(suffixes, encoders)})
+    parts.update({f"tokenizer{suffix}": tokenizer for suffix, tokenizer in zip(suffixes, models.tokenizers)})
+    if models.family == "sd":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return parts
+
+
+def save_full_pipeline(args, accelerator, models: Models) -> None:
+    """The base pipeline with the learned rows written into ordinary embedding matrices."""
+    encoders = accelerator.unwrap_model(models.prompt_encoder).text_encoders
+    for encoder, embedding in zip(encoders, models.embeddings):
+        encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(embedding.merged_weight(), freeze=True))
+        encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=models.tokenizer,
-            vae=models.vae, unet=models.unet, revision=args.revision, variant=args.variant)
+        pipeline = pipeline_class(models.family).from_pretrained(
+            args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
+            variant=args.variant)
         pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
     finally:
-        text_encoder.set_input_embeddings(models.embedding)
-        text_encoder.config.vocab_size = vocab_size
+        for encoder, embedding in zip(encoders, models.embeddings):
+            encoder.set_input_embeddings(embedding)
+            encoder.config.vocab_size = embedding.frozen.num_embeddings
 
 
 @dataclass
 class Models:
-    """The frozen pipeline parts and the one trainable module, as prepared for this process."""
+    """The frozen pipeline parts and the trainable vectors, as prepared for this process."""
 
-    tokenizer: object
-    text_encoder: torch.nn.Module  # DDP-wrapped when there are several processes
+    family: str  # "sd" (SD 1.x/2.x) or "sdxl"
+    tokenizers: list  # one per text encoder
+    prompt_encoder: torch.nn.Module  # PromptEncoder, DDP-wrapped when there are several processes
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
-    embedding: PlaceholderEmbedding
+    embeddings: list[PlaceholderEmbedding]  # one per text encoder, in the pipeline's order
     weight_dtype: torch.dtype
     latents: ImageLatents
+    time_ids: torch.Tensor | None  # SDXL: [num_images, 6] original size, crop top-left, target size
+
+    def embeds(self, placeholder_token: str) -> dict[str, torch.Tensor]:
+        """The vectors as they are saved: `{token: T}`, or SDXL's `{"clip_l": T, "clip_g": T}`."""
+        keys = embeds_keys(placeholder_token, len(self.embeddings))
+        return {key: embedding.vectors for key, embedding in zip(keys, self.embeddings)}
 
 
 class TrainingStopped(Exception):
@@ -901,7 +1013,7 @@ def accumulate_step(accelerator, models: Models, micro_batches: list[dict], step
             derived_seed(seed, "noise", step, i, accelerator.process_index))
         last = i == len(micro_batches) - 1
         # Gradients of the accumulation's earlier micro-batches stay local: one all-reduce per step.
-        with contextlib.nullcontext() if last else accelerator.no_sync(models.text_encoder):
+        with contextlib.nullcontext() if last else accelerator.no_sync(models.prompt_encoder):
             loss = training_loss(batch, models, generator)
             accelerator.backward(loss / len(micro_batches))
         step_loss += loss.detach() / len(micro_batches)
@@ -912,15 +1024,14 @@ def save_step_outputs(args, accelerator, models: Models, optimizer, lr_scheduler
                       run_identity: dict, force_checkpoint: bool = False) -> None:
     """Intermediate learned_embeds, checkpoints and validation images due after step `done` (main process)."""
     output_dir, safe = Path(args.output_dir), not args.no_safe_serialization
-    vectors = models.embedding.vectors
+    embeds, metadata = models.embeds(args.placeholder_token), embeds_metadata(args, done)
     if done % args.save_steps == 0:
-        save_learned_embeds(vectors, args.placeholder_token,
-                            output_dir / embeds_filename(f"learned_embeds-steps-{done}", safe), safe)
+        save_learned_embeds(embeds, output_dir / embeds_filename(f"learned_embeds-steps-{done}", safe), safe, metadata)
     if done % args.checkpointing_steps == 0 or force_checkpoint:
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = save_checkpoint(output_dir, done, vectors, args.placeholder_token, state,
-                               {**run_identity, "seed": seed}, args.checkpoints_total_limit)
+        path = save_checkpoint(output_dir, done, embeds, state, {**run_identity, "seed": seed},
+                               args.checkpoints_total_limit, metadata)
         logger.info(f"Saved {path}")
     if args.validation_prompt and done % args.validation_steps == 0 and not force_checkpoint:
         run_validation(args, accelerator, models, seed, done)
@@ -970,12 +1081,12 @@ def train(args, accelerator, models: Models, dataset, plan: BatchPlan, optimizer
 
 def diverged(args, accelerator, models: Models, step: int, loss: float) -> TrainingStopped:
     """A non-finite loss: keep the last good vectors (the update was not applied) and say what to change."""
-    vectors = models.embedding.vectors
+    embeds = models.embeds(args.placeholder_token)
     kept = ""
-    if accelerator.is_main_process and torch.isfinite(vectors).all():
+    if accelerator.is_main_process and all(torch.isfinite(v).all() for v in embeds.values()):
         safe = not args.no_safe_serialization
         path = Path(args.output_dir) / embeds_filename(f"learned_embeds-steps-{step}", safe)
-        save_learned_embeds(vectors, args.placeholder_token, path, safe)
+        save_learned_embeds(embeds, path, safe, embeds_metadata(args, step))
         kept = f" The last good vectors (after step {step}) are in {path}."
     return TrainingStopped(
         f"the loss became {loss} at step {step + 1}; nothing of that step was applied.{kept} Lower --learning_rate, "
@@ -1003,8 +1114,9 @@ def resume_command(args: argparse.Namespace) -> str:
 class TrainResult:
     """What a run did, for callers and tests: `main` is also a library function."""
 
-    vectors: torch.Tensor  # final placeholder vectors, float32 [num_vectors, dim], on the CPU
-    placeholder_token_ids: list[int]
+    vectors: torch.Tensor  # final placeholder vectors of the (first) text encoder, float32 [num_vectors, dim], CPU
+    embeds: dict[str, torch.Tensor]  # all of them, as saved: {token: T} or SDXL's {"clip_l": T, "clip_g": T}
+    placeholder_token_ids: list[int]  # in the (first) tokenizer
     learning_rate: float
     num_processes: int
     first_step: int
@@ -1031,14 +1143,14 @@ def main(args: argparse.Namespace) -> TrainResult:
         logger.warning(f"--seed {args.seed} ignored: resuming continues the checkpoint's run, seed {seed}")
     set_seed(seed)
 
-    # 2. Tokens, templates and images: all the user's input is checked before the big models load.
-    tokenizer, placeholder_token_ids, initializer_ids, template_input_ids, images = prepare_inputs(args)
+    # 2. Model family, tokens, templates and images: the user's input is checked before the big models load.
+    inputs = prepare_inputs(args)
 
-    # 3. Frozen models in the compute dtype; the placeholder rows become the only trainable tensor; image latents.
-    models = load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids, initializer_ids, images)
+    # 3. Frozen models in the compute dtype; the placeholder rows become the only trainable tensors; image latents.
+    models = load_frozen_models(args, accelerator, inputs)
 
-    # 4. Data plan, learning rate, optimizer; only the text encoder (holding the vectors) goes under DDP.
-    dataset = TextualInversionDataset(len(images), template_input_ids, args.repeats, seed)
+    # 4. Data plan, learning rate, optimizer; only the text encoder(s) (holding the vectors) go under DDP.
+    dataset = TextualInversionDataset(len(inputs.images), inputs.template_input_ids, args.repeats, seed)
     plan = BatchPlan(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
                      accelerator.num_processes, accelerator.process_index, seed)
     max_train_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
@@ -1046,13 +1158,14 @@ def main(args: argparse.Namespace) -> TrainResult:
     if args.scale_lr:
         learning_rate = scaled_learning_rate(learning_rate, args.gradient_accumulation_steps,
                                              args.train_batch_size, accelerator.num_processes)
-    optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.embedding, learning_rate, max_train_steps)
-    models.text_encoder, optimizer = accelerator.prepare(models.text_encoder, optimizer)
+    optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.embeddings, learning_rate, max_train_steps)
+    models.prompt_encoder, optimizer = accelerator.prepare(models.prompt_encoder, optimizer)
 
     # 5. Resume: vectors, optimizer, schedule and step; the data and noise follow from (seed, step).
     first_step = 0
     if resumed:
-        first_step = restore_checkpoint(accelerator, models, optimizer, lr_scheduler, resumed, max_train_steps)
+        first_step = restore_checkpoint(accelerator, models, optimizer, lr_scheduler, resumed, max_train_steps,
+                                        args.placeholder_token)
         logger.info(f"Resuming from {resume_path} at step {first_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {output_dir}; starting a new run")
@@ -1061,8 +1174,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
-    log_run_summary(args, len(images), len(dataset), plan, max_train_steps, learning_rate, first_step,
-                    placeholder_token_ids, seed)
+    log_run_summary(args, inputs, len(dataset), plan, max_train_steps, learning_rate, first_step, seed)
     history, stop_signal = train(args, accelerator, models, dataset, plan, optimizer, lr_scheduler, first_step,
                                  max_train_steps, seed, run_identity)
 
@@ -1076,49 +1188,75 @@ def main(args: argparse.Namespace) -> TrainResult:
     if stop_signal:
         raise TrainingStopped(f"stopped by signal {stop_signal} after step {last_step}; saved {final_path} and "
                               f"checkpoint-{last_step}. Resume with:\n  {resume_command(args)}", 128 + stop_signal)
-    return TrainResult(models.embedding.vectors.detach().float().cpu().clone(), placeholder_token_ids, learning_rate,
+    embeds = {key: vectors.detach().float().cpu().clone() for key, vectors in models.embeds(args.placeholder_token).items()}
+    return TrainResult(next(iter(embeds.values())), embeds, inputs.placeholder_token_ids[0], learning_rate,
                        accelerator.num_processes, first_step, history, final_path)
 
 
-def prepare_inputs(args: argparse.Namespace):
-    """Tokenizer with the new tokens, initializer ids, tokenized templates and decoded images, or a UsageError."""
-    tokenizer = load_tokenizer(args)
-    placeholder_token_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
-    initializer_ids = initializer_token_ids(tokenizer, args.initializer_token)
+@dataclass
+class Inputs:
+    """The user's input, checked and tokenized (once per tokenizer) before any model weights load."""
+
+    family: str  # "sd" or "sdxl"
+    tokenizers: list
+    placeholder_token_ids: list[list[int]]  # per tokenizer
+    initializer_ids: list[list[int]]  # per tokenizer
+    template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, model_max_length]
+    images: torch.Tensor  # uint8 [N, 3, resolution, resolution]
+    original_sizes: list[tuple[int, int]]  # (height, width) of each image before cropping and resizing
+
+
+def prepare_inputs(args: argparse.Namespace) -> Inputs:
+    """Model family, tokenizer(s) with the new tokens, initializer ids, tokenized templates and decoded images."""
+    family = pipeline_family(args)
+    tokenizers = load_tokenizers(args, family)
+    placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors) for t in tokenizers]
+    initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
     templates = load_templates(args.templates, args.learnable_property)
-    template_input_ids = tokenize_templates(tokenizer, templates, args.placeholder_token, args.num_vectors)
+    template_input_ids = torch.stack([tokenize_templates(t, templates, args.placeholder_token, args.num_vectors)
+                                      for t in tokenizers], dim=1)
     image_paths, skipped = list_image_files(args.train_data_dir)
     if skipped:
         logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
-    images = load_training_images(image_paths, args.resolution, args.center_crop)
+    images, original_sizes = load_training_images(image_paths, args.resolution, args.center_crop)
     check_vae_factor(args)
-    return tokenizer, placeholder_token_ids, initializer_ids, template_input_ids, images
+    return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, images,
+                  original_sizes)
 
 
-def load_frozen_models(args, accelerator, tokenizer, placeholder_token_ids: list[int], initializer_ids: list[int],
-                       images: torch.Tensor) -> Models:
-    noise_scheduler, text_encoder, vae, unet = load_models(args)
+def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
+    noise_scheduler, text_encoders, vae, unet = load_models(args, inputs.family)
     # Refuse an unsupported prediction_type now, not at the first step.
     diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
-    vectors = initial_vectors(text_encoder.get_input_embeddings().weight, initializer_ids, args.num_vectors)
+    # Each text encoder's vectors start from the initializer in its own embedding space.
+    vectors = [initial_vectors(encoder.get_input_embeddings().weight, ids, args.num_vectors)
+               for encoder, ids in zip(text_encoders, inputs.initializer_ids)]
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    freeze_and_place(accelerator, args, text_encoder, vae, unet, weight_dtype)
-    # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
-    embedding = install_placeholder_embedding(text_encoder, placeholder_token_ids, vectors.to(accelerator.device))
-    latents = ImageLatents(images, vae)
+    freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype)
+    embeddings = []
+    for encoder, tokenizer, ids, start in zip(text_encoders, inputs.tokenizers, inputs.placeholder_token_ids, vectors):
+        pool_at_end_of_text(encoder, tokenizer)
+        # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
+        embeddings.append(install_placeholder_embedding(encoder, ids, start.to(accelerator.device)))
+    latents = ImageLatents(inputs.images, vae)
     if not args.no_cache_latents:
         # The same 3-5 images would otherwise go through the VAE encoder at every step (~15% of an SD step).
         latents.cache()
-        logger.info(f"Cached the VAE posterior of {len(images)} image(s) x 2 flips")
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, embedding, weight_dtype, latents)
+        logger.info(f"Cached the VAE posterior of {len(inputs.images)} image(s) x 2 flips")
+    time_ids = None
+    if inputs.family == "sdxl":
+        time_ids = sdxl_time_ids(inputs.original_sizes, args.resolution, args.center_crop).to(accelerator.device)
+    return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders), vae, unet, noise_scheduler,
+                  embeddings, weight_dtype, latents, time_ids)
 
 
 def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, resumed: tuple,
-                       max_train_steps: int) -> int:
+                       max_train_steps: int, placeholder_token: str) -> int:
     """Load a checkpoint's vectors and optimizer/schedule/scaler state; return the step to continue from."""
-    training_state, saved_vectors, state = resumed
+    training_state, saved_embeds, state = resumed
     with torch.no_grad():
-        models.embedding.vectors.copy_(saved_vectors.to(models.embedding.vectors.device))
+        for key, vectors in models.embeds(placeholder_token).items():
+            vectors.copy_(saved_embeds[key].to(vectors.device))
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if accelerator.scaler and state.get("scaler"):
@@ -1126,12 +1264,16 @@ def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, res
     return min(training_state["step"], max_train_steps)  # a resume never trains past --max_train_steps
 
 
+def embeds_metadata(args: argparse.Namespace, step: int) -> dict[str, str]:
+    """What a saved .safetensors says about itself; loaders read the token name of an SDXL file from it."""
+    return {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
+            "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
+            "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
+
+
 def save_results(args, accelerator, final_path: Path, models: Models, step: int) -> None:
-    metadata = {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
-                "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
-                "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
-    save_learned_embeds(models.embedding.vectors, args.placeholder_token, final_path, not args.no_safe_serialization,
-                        metadata)
+    save_learned_embeds(models.embeds(args.placeholder_token), final_path, not args.no_safe_serialization,
+                        embeds_metadata(args, step))
     if args.save_as_full_pipeline:
         save_full_pipeline(args, accelerator, models)
     logger.info(f"Saved {final_path}")

@@ -123,13 +123,13 @@ def measure(args: argparse.Namespace, process_start: float) -> dict:
     models = seen["models"]
     steps = [b - a for a, b in zip(seen["stamps"], seen["stamps"][1:])][args.warmup_steps:]
     floor = floor_times(models, args.batch_size, args.resolution, args.floor_repeats or args.steps)
-    weights = sum(t.numel() * t.element_size() for m in (models.text_encoder, models.vae, models.unet)
+    weights = sum(t.numel() * t.element_size() for m in (models.prompt_encoder, models.vae, models.unet)
                   for t in [*m.parameters(), *m.buffers()])
     return {"step_s": statistics.median(steps), "floor_s": statistics.median(floor),
             "first_step_s": seen["stamps"][1] - seen["stamps"][0],
             "startup_s": seen["first_step_wall"] - process_start, "peak_bytes": train_peak,
             "load_peak_bytes": seen["load_peak"], "baseline_bytes": seen["baseline"], "weights_bytes": weights,
-            "grad_bytes": sum(p.numel() * p.element_size() for p in models.text_encoder.parameters()
+            "grad_bytes": sum(p.numel() * p.element_size() for p in models.prompt_encoder.parameters()
                               if p.requires_grad),
             "checkpoint_bytes": checkpoint_bytes, "device": device_name(), "threads": torch.get_num_threads()}
 
@@ -139,10 +139,11 @@ def floor_times(models, batch_size: int, resolution: int, repeats: int) -> list[
     import torch
     import torch.nn.functional as F
 
-    device = models.embedding.vectors.device
-    text = f"a photo of a {models.tokenizer.convert_ids_to_tokens(models.embedding.first_placeholder_id)}"
-    input_ids = models.tokenizer([text] * batch_size, padding="max_length", max_length=77,
-                                 return_tensors="pt").input_ids.to(device)
+    device = models.embeddings[0].vectors.device
+    text = f"a photo of a {models.tokenizers[0].convert_ids_to_tokens(models.embeddings[0].first_placeholder_id)}"
+    input_ids = torch.stack([tokenizer([text] * batch_size, padding="max_length", max_length=77,
+                                       return_tensors="pt").input_ids for tokenizer in models.tokenizers], dim=1)
+    input_ids = input_ids.to(device)
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     shape = (batch_size, models.unet.config.in_channels, resolution // factor, resolution // factor)
     generator = torch.Generator(device).manual_seed(0)
@@ -153,12 +154,15 @@ def floor_times(models, batch_size: int, resolution: int, repeats: int) -> list[
     for _ in range(repeats + 1):  # the first is a warm-up
         sync(device)
         start = time.perf_counter()
-        hidden = models.text_encoder(input_ids)[0].to(models.weight_dtype)
-        loss = F.mse_loss(models.unet(noisy, timesteps, hidden).sample.float(), target)
-        loss.backward()
+        hidden, pooled = models.prompt_encoder(input_ids)
+        added = None if pooled is None else {"text_embeds": pooled.to(models.weight_dtype),
+                                             "time_ids": models.time_ids[:1].expand(batch_size, -1).to(noisy.dtype)}
+        prediction = models.unet(noisy, timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added).sample
+        F.mse_loss(prediction.float(), target).backward()
         sync(device)
         times.append(time.perf_counter() - start)
-        models.embedding.vectors.grad = None
+        for embedding in models.embeddings:
+            embedding.vectors.grad = None
     return times[1:]
 
 

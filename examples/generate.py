@@ -1,4 +1,4 @@
-"""Generate an image grid from a base Stable Diffusion pipeline plus learned textual-inversion embeddings.
+"""Generate an image grid from a base Stable Diffusion (1.x, 2.x or XL) pipeline plus learned embeddings.
 
     python examples/generate.py --pretrained_model_name_or_path examples/tiny-sd \\
         --learned_embeds out/learned_embeds.safetensors --prompt "a photo of <my-toy>"
@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_textual_inversion import image_grid  # noqa: E402  (the same grid as the trainer's validation images)
+# The same grid as the trainer's validation images, and the same CLIP pooling as in training.
+from train_textual_inversion import image_grid, pool_at_end_of_text  # noqa: E402
 
 # diffusers is imported in main(), after the argument checks: importing it is
 # slow and makes transformers log warnings, which would bury a one-line error.
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 EMBEDS_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 
@@ -39,54 +41,67 @@ def resolve_embeds_path(path: str | Path) -> Path:
     return path
 
 
-def read_embeddings(file: Path) -> dict[str, torch.Tensor]:
-    """`{token: tensor[n, dim]}` from the common single-text-encoder formats.
+def read_embeddings(file: Path) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """`{token: tensor[n, dim]}`, or for SDXL `{token: {"clip_l": T, "clip_g": T}}`, from every common format.
 
     diffusers `{token: T}`; AUTOMATIC1111 `.pt` (`string_to_param`); kohya/InvokeAI `{"emb_params": T}`; OneTrainer
-    `{"emp_params": T}`. The last three carry no usable token name, so, as in AUTOMATIC1111, the file name is the
-    token ("my-toy.pt" -> "my-toy").
+    `{"emp_params": T}`; SDXL `{"clip_l": T, "clip_g": T}` (kohya, AUTOMATIC1111, ComfyUI, InvokeAI and this
+    project's trainer). Files without a usable token name take it, as in AUTOMATIC1111, from the file name
+    ("my-toy.pt" -> "my-toy"), or from the `placeholder_token` our trainer writes into a .safetensors' metadata.
     """
     # Read the file ourselves (rather than handing load_textual_inversion the path) so we know the token names and
     # can accept files with several tokens; weights_only keeps a .pt/.bin from running arbitrary pickled code.
+    metadata = {}
     if file.suffix == ".safetensors":
         state = load_file(file)
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata() or {}
     else:
         state = torch.load(file, map_location="cpu", weights_only=True)
+    token = metadata.get("placeholder_token", file.stem)
     if "string_to_param" in state:
         return {file.stem: next(iter(state["string_to_param"].values())).float()}
     for key in ("emb_params", "emp_params"):
         if key in state:
             return {file.stem: state[key].float()}
     if {"clip_l", "clip_g"} <= set(state):
-        raise ValueError(f"{file} is an SDXL embedding (clip_l/clip_g); this loader handles SD 1.x/2.x pipelines")
+        return {token: {"clip_l": state["clip_l"].float(), "clip_g": state["clip_g"].float()}}
     return state
 
 
-def load_learned_embeds(pipeline: StableDiffusionPipeline, path: str | Path) -> list[str]:
-    """Add the tokens of a diffusers-format `{token: tensor[n, dim]}` file to `pipeline`; return those tokens.
+def load_learned_embeds(pipeline: DiffusionPipeline, path: str | Path) -> list[str]:
+    """Add the tokens of an embeddings file (any format read_embeddings knows) to an SD 1.x/2.x or SDXL pipeline;
+    return those tokens. Copy this function and read_embeddings into your own code if you like.
 
-    A token whose tensor has n > 1 rows is registered as `tok`, `tok_1`, ...,
-    `tok_{n-1}`, and the pipeline expands `tok` in prompts to all n of them, so
-    prompts only ever need the returned names.
+    A token whose tensor has n > 1 rows is registered as `tok`, `tok_1`, ..., `tok_{n-1}`, and the pipeline expands
+    `tok` in prompts to all n of them, so prompts only ever need the returned names. SDXL files load into both text
+    encoders. As in training, CLIP then pools at the end-of-text token (see pool_at_end_of_text in the trainer).
     """
     file = resolve_embeds_path(path)
-    state = read_embeddings(file)
-    tokens = list(state)
-    if not tokens:
+    embeds = read_embeddings(file)
+    if not embeds:
         raise ValueError(f"{file} holds no embeddings")
-    # Checked here because diffusers 0.42's own shape error prints unformatted
-    # placeholders instead of the sizes.
-    dim = pipeline.text_encoder.get_input_embeddings().weight.shape[-1]
-    for t in tokens:
-        if state[t].shape[-1] != dim:
-            raise ValueError(f"{t!r} has {state[t].shape[-1]}-dim vectors but this text encoder uses {dim}")
-        # CLIP's tokenizer lowercases prompts before matching added tokens, so the
-        # `tok` -> `tok tok_1 ...` expansion misses a token with capitals and
-        # silently uses only its first vector.
-        if t != t.lower() and state[t].ndim > 1 and state[t].shape[0] > 1:
-            warnings.warn(f"multi-vector token {t!r} has upper-case letters; only its first vector will be used")
-    pipeline.load_textual_inversion([state[t] for t in tokens], token=tokens)
-    return tokens
+    encoders = [(pipeline.text_encoder, pipeline.tokenizer)]
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        encoders.append((pipeline.text_encoder_2, pipeline.tokenizer_2))
+    for token, value in embeds.items():
+        per_encoder = [value["clip_l"], value["clip_g"]] if isinstance(value, dict) else [value]
+        if len(per_encoder) != len(encoders):
+            kind = "an SDXL (clip_l/clip_g)" if isinstance(value, dict) else "a single-text-encoder (SD 1.x/2.x)"
+            raise ValueError(f"{file} is {kind} embedding, but this pipeline has {len(encoders)} text encoder(s)")
+        for (text_encoder, tokenizer), vectors in zip(encoders, per_encoder):
+            # Checked here because diffusers 0.42's own shape error prints unformatted placeholders.
+            dim = text_encoder.get_input_embeddings().weight.shape[-1]
+            if vectors.shape[-1] != dim:
+                raise ValueError(f"{token!r} has {vectors.shape[-1]}-dim vectors but this text encoder uses {dim}")
+            # CLIP's tokenizer lowercases prompts before matching added tokens, so the `tok` -> `tok tok_1 ...`
+            # expansion misses a token with capitals and silently uses only its first vector.
+            if token != token.lower() and vectors.ndim > 1 and vectors.shape[0] > 1:
+                warnings.warn(f"multi-vector token {token!r} has upper-case letters; only its first vector is used")
+            pipeline.load_textual_inversion(vectors, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
+    for text_encoder, tokenizer in encoders:
+        pool_at_end_of_text(text_encoder, tokenizer)
+    return list(embeds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
     # fp16 halves GPU memory and is how SD-1.x is normally run; CPUs lack fast fp16.
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
+    pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)  # SD or SDXL
     # Same sampler as diffusers' textual-inversion example: good images in ~25
     # steps. from_config keeps the model's prediction_type and beta schedule.
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)

@@ -30,6 +30,7 @@ VOCAB_SIZE = 49408
 REFERENCE_TEXT = "a photo of a cat"
 REFERENCE_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 TEXT_HIDDEN = 32
+TEXT_HIDDEN_2 = 48  # SDXL's second text encoder
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -62,8 +63,11 @@ def _open_clip_bpe_path() -> Path:
     return path
 
 
-def build_clip_tokenizer(save_dir: str | Path) -> CLIPTokenizer:
-    """Build the real CLIP ViT-L/14 (SD-1.x) tokenizer from open_clip's BPE file and save it to `save_dir`."""
+def build_clip_tokenizer(save_dir: str | Path, pad_token: str = EOS) -> CLIPTokenizer:
+    """Build the real CLIP ViT-L/14 (SD-1.x) tokenizer from open_clip's BPE file and save it to `save_dir`.
+
+    pad_token "!" gives the OpenCLIP variant of SD 2.x and of SDXL's second tokenizer (same vocabulary).
+    """
     from transformers import CLIPTokenizer
 
     lines = gzip.open(_open_clip_bpe_path(), "rt", encoding="utf-8").read().split("\n")
@@ -91,7 +95,7 @@ def build_clip_tokenizer(save_dir: str | Path) -> CLIPTokenizer:
         bos_token=BOS,
         eos_token=EOS,
         unk_token=EOS,
-        pad_token=EOS,
+        pad_token=pad_token,
         model_max_length=77,
     )
     ids = tokenizer(REFERENCE_TEXT).input_ids
@@ -152,15 +156,73 @@ def build_sd15_shaped_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed)
 
 
+def build_tiny_sd2_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SD-2.x-architecture pipeline: OpenCLIP-style text encoder (GELU, "!" padding), linear-projection
+    transformer blocks with per-level head counts, and v-prediction, like stable-diffusion-2-1."""
+    text_encoder = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        hidden_act="gelu")
+    vae = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1, sample_size=64)
+    unet = dict(sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+                norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
+                cross_attention_dim=TEXT_HIDDEN)
+    return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed, "v_prediction", pad_token="!")
+
+
+def build_tiny_sdxl_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL-architecture pipeline: two text encoders of different widths (32 and 48, standing in for CLIP-L's
+    768 and OpenCLIP-bigG's 1280), the second with a projection; a UNet with SDXL's added text/time conditioning;
+    SDXL's scheduler and VAE scaling. The text encoders keep SDXL's legacy config (eos_token_id 2)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    output_dir = Path(output_dir)
+    tokenizer = build_clip_tokenizer(output_dir / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(output_dir / "tokenizer_2", pad_token="!")
+    legacy_ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)  # as in SDXL's published configs
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                              projection_dim=hidden, **legacy_ids)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(TEXT_HIDDEN))
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(TEXT_HIDDEN_2))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1, sample_size=64,
+                        latent_channels=4, scaling_factor=0.13025, force_upcast=True)
+    time_embed_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # six size/crop numbers, each embedded to time_embed_dim, plus the pooled text projection
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_HIDDEN_2)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
 def save_sd1_pipeline(output_dir: str | Path, text_encoder_config: dict, vae_config: dict, unet_config: dict,
-                      seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """An SD-1.x pipeline of the given sizes, the real CLIP tokenizer and SD's noise schedule, saved to output_dir."""
+                      seed: int = 0, prediction_type: str = "epsilon", pad_token: str = EOS) -> Path:
+    """An SD-1.x/2.x pipeline of the given sizes, the real CLIP tokenizer and SD's noise schedule, in output_dir."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     output_dir = Path(output_dir)
-    tokenizer = build_clip_tokenizer(output_dir / "tokenizer")
+    tokenizer = build_clip_tokenizer(output_dir / "tokenizer", pad_token)
 
     # Re-seeding before each component makes each one's weights independent of
     # the others' sizes, so changing one config does not reshuffle the rest.
@@ -169,14 +231,13 @@ def save_sd1_pipeline(output_dir: str | Path, text_encoder_config: dict, vae_con
         CLIPTextConfig(
             vocab_size=VOCAB_SIZE,
             max_position_embeddings=77,
-            hidden_act="quick_gelu",  # what SD-1.x's CLIP ViT-L uses
             projection_dim=text_encoder_config["hidden_size"],
             # Real ids, not the legacy 0/1/2 of SD's config: with eos=49407 CLIP
             # pools at the first EOS, which is what a new placeholder token needs.
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **text_encoder_config,
+            **{"hidden_act": "quick_gelu", **text_encoder_config},  # quick_gelu: SD-1.x's CLIP ViT-L
         )
     )
     torch.manual_seed(seed)
@@ -218,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="examples/tiny-sd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    parser.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"],
+                        help="architecture: SD 1.x (--prediction_type applies), SD 2.x (v-prediction) or SDXL")
     parser.add_argument("--force", action="store_true", help="rebuild even if output_dir already holds a pipeline")
     args = parser.parse_args(argv)
 
@@ -226,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} already exists; skipping (use --force to rebuild)")
         return 0
     try:
-        build_tiny_pipeline(out, seed=args.seed, prediction_type=args.prediction_type)
+        if args.family == "sd1":
+            build_tiny_pipeline(out, seed=args.seed, prediction_type=args.prediction_type)
+        else:
+            {"sd2": build_tiny_sd2_pipeline, "sdxl": build_tiny_sdxl_pipeline}[args.family](out, seed=args.seed)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

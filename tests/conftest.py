@@ -22,6 +22,22 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_pipeline(tmp_path_factory) -> Path:
+    """A tiny SD-2.x pipeline (OpenCLIP-style text encoder, v-prediction); treat as read-only."""
+    from make_tiny_pipeline import build_tiny_sd2_pipeline
+
+    return build_tiny_sd2_pipeline(tmp_path_factory.mktemp("tiny-sd2") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline (text encoders of width 32 and 48, legacy eos_token_id 2); treat as read-only."""
+    from make_tiny_pipeline import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_pipeline):
     from transformers import CLIPTokenizer
 

@@ -49,5 +49,5 @@ if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK", "0"):
 result_dir = Path(sys.argv[1])
 result = tti.main(tti.parse_args(sys.argv[2:]))
 rank = int(os.environ.get("RANK", 0))  # the process group is gone after end_training()
-torch.save({"vectors": result.vectors, "num_processes": result.num_processes, "learning_rate": result.learning_rate,
+torch.save({"vectors": result.vectors, "embeds": result.embeds, "num_processes": result.num_processes, "learning_rate": result.learning_rate,
             "history": result.history, "synced_numels": synced_numels}, result_dir / f"rank{rank}.pt")

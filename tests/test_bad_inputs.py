@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -83,6 +84,12 @@ def pipeline_without_index(ctx: Ctx) -> list[str]:
     return base(ctx, "--pretrained_model_name_or_path", str(ctx.ws / "not-a-pipeline"))
 
 
+def pipeline_of_class(ctx: Ctx, class_name: str) -> str:
+    folder = ctx.ws / class_name
+    write(folder / "model_index.json", json.dumps({"_class_name": class_name}))
+    return str(folder)
+
+
 OUTPUT_FILE_CONTENT = b"precious results, do not overwrite\n"
 
 CASES = [
@@ -120,6 +127,12 @@ CASES = [
          ("--train_data_dir", "empty.png"), late=True),
     Case("resolution-not-multiple-of-vae-factor", lambda c: base(c, "--resolution", "36"), "--resolution", late=True),
     Case("report-to-unknown-tracker", lambda c: base(c, "--report_to", "foo"), "--report_to"),
+    Case("unsupported-pipeline-class",
+         lambda c: base(c, "--pretrained_model_name_or_path", pipeline_of_class(c, "FluxPipeline")),
+         ("--pretrained_model_name_or_path", "FluxPipeline"), late=True),
+    Case("tokenizer-name-with-sdxl",
+         lambda c: base(c, "--pretrained_model_name_or_path", pipeline_of_class(c, "StableDiffusionXLPipeline"),
+                        "--tokenizer_name", str(c.pipe / "tokenizer")), "--tokenizer_name", late=True),
     Case("xformers-not-installed", lambda c: base(c, "--enable_xformers_memory_efficient_attention"),
          ("--enable_xformers_memory_efficient_attention", "pip install xformers"),
          marks=[pytest.mark.skipif(tti._importable("xformers"), reason="xformers is installed here")]),

@@ -316,9 +316,10 @@ def test_load_training_images_stacks_uint8(tmp_path):
     for i, size in enumerate([(20, 10), (7, 9)]):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", size, (i * 100, 0, 0)).save(paths[-1])
-    images = tti.load_training_images(paths, 8, center_crop=False)
+    images, sizes = tti.load_training_images(paths, 8, center_crop=False)
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 8, 8)
     assert images[1, 0, 0, 0] == 100
+    assert sizes == [(10, 20), (9, 7)]  # (height, width) as found, before resizing
 
 
 def test_load_training_images_names_a_truncated_file(tmp_path):
@@ -507,7 +508,7 @@ def test_resolve_resume_checkpoint(tmp_path):
 def test_save_learned_embeds_safetensors_round_trip(tmp_path):
     vectors = torch.randn(2, 8).to(torch.bfloat16)
     path = tmp_path / "learned_embeds.safetensors"
-    tti.save_learned_embeds(vectors, "<x>", path, metadata={"step": "7"})
+    tti.save_learned_embeds({"<x>": vectors}, path, metadata={"step": "7"})
     loaded = safetensors.torch.load_file(str(path))
     assert list(loaded) == ["<x>"]
     assert loaded["<x>"].dtype == torch.float32 and torch.equal(loaded["<x>"], vectors.float())
@@ -519,7 +520,7 @@ def test_save_learned_embeds_safetensors_round_trip(tmp_path):
 def test_save_learned_embeds_bin_round_trip(tmp_path):
     vectors = torch.randn(3, 8)
     path = tmp_path / "learned_embeds.bin"
-    tti.save_learned_embeds(vectors, "<x>", path, safe_serialization=False)
+    tti.save_learned_embeds({"<x>": vectors}, path, safe_serialization=False)
     loaded = torch.load(path, weights_only=True)
     assert list(loaded) == ["<x>"] and torch.equal(loaded["<x>"], vectors)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -540,11 +541,11 @@ def optimizer_state(vectors: torch.nn.Parameter) -> dict:
 def test_save_and_load_checkpoint_round_trip(tmp_path):
     vectors = torch.nn.Parameter(torch.randn(2, 8))
     state = optimizer_state(vectors)
-    path = tti.save_checkpoint(tmp_path, 4, vectors, "<x>", state, {**IDENTITY, "seed": 11}, total_limit=None)
+    path = tti.save_checkpoint(tmp_path, 4, {"<x>": vectors}, state, {**IDENTITY, "seed": 11}, total_limit=None)
     assert path == tmp_path / "checkpoint-4"
-    training_state, loaded_vectors, loaded_state = tti.load_checkpoint(path, IDENTITY)
+    training_state, loaded_embeds, loaded_state = tti.load_checkpoint(path, IDENTITY)
     assert training_state == {**IDENTITY, "seed": 11, "step": 4}
-    assert torch.equal(loaded_vectors, vectors.detach())
+    assert list(loaded_embeds) == ["<x>"] and torch.equal(loaded_embeds["<x>"], vectors.detach())
     assert torch.equal(loaded_state["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
     assert loaded_state["lr_scheduler"] == {"last_epoch": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]  # no hidden temp folder left
@@ -553,15 +554,15 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
 def test_save_checkpoint_prunes_to_total_limit(tmp_path):
     vectors = torch.zeros(2, 8)
     for step in (1, 2, 3, 4):
-        tti.save_checkpoint(tmp_path, step, vectors + step, "<x>", STATE, RUN, total_limit=2)
+        tti.save_checkpoint(tmp_path, step, {"<x>": vectors + step}, STATE, RUN, total_limit=2)
     assert [n for n, _ in tti.list_checkpoints(tmp_path)] == [3, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
-    assert torch.equal(tti.load_checkpoint(tmp_path / "checkpoint-4", IDENTITY)[1], vectors + 4)
+    assert torch.equal(tti.load_checkpoint(tmp_path / "checkpoint-4", IDENTITY)[1]["<x>"], vectors + 4)
 
 
 @pytest.mark.parametrize("key", sorted(IDENTITY))
 def test_load_checkpoint_refuses_another_run(tmp_path, key):
-    path = tti.save_checkpoint(tmp_path, 1, torch.zeros(2, 8), "<x>", STATE, RUN, total_limit=None)
+    path = tti.save_checkpoint(tmp_path, 1, {"<x>": torch.zeros(2, 8)}, STATE, RUN, total_limit=None)
     other = {**IDENTITY, key: {"placeholder_token": "<y>", "num_vectors": 3}.get(key, "other/model")}
     with pytest.raises(UsageError, match=f"--resume_from_checkpoint .*{key}=") as e:
         tti.load_checkpoint(path, other)
@@ -574,7 +575,7 @@ def test_load_checkpoint_refuses_a_folder_that_is_no_checkpoint(tmp_path):
 
 
 def test_load_checkpoint_refuses_a_corrupt_embeds_file(tmp_path):
-    path = tti.save_checkpoint(tmp_path, 1, torch.zeros(2, 8), "<x>", STATE, RUN, total_limit=None)
+    path = tti.save_checkpoint(tmp_path, 1, {"<x>": torch.zeros(2, 8)}, STATE, RUN, total_limit=None)
     (path / "learned_embeds.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UsageError, match="--resume_from_checkpoint"):
         tti.load_checkpoint(path, IDENTITY)
@@ -668,7 +669,7 @@ def test_validate_args_refuses_a_missing_relative_model_folder(required, tmp_pat
 
 
 def test_load_checkpoint_refuses_a_corrupt_optimizer_state(tmp_path):
-    path = tti.save_checkpoint(tmp_path, 1, torch.zeros(2, 8), "<x>", STATE, RUN, total_limit=None)
+    path = tti.save_checkpoint(tmp_path, 1, {"<x>": torch.zeros(2, 8)}, STATE, RUN, total_limit=None)
     (path / "optimizer.pt").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UsageError, match="--resume_from_checkpoint .*cannot be loaded"):
         tti.load_checkpoint(path, IDENTITY)
@@ -680,6 +681,6 @@ def test_images_smaller_than_the_resolution_are_named_in_a_warning(tmp_path, cap
     Image.new("RGB", (20, 30), "red").save(tmp_path / "small.png")
     Image.new("RGB", (64, 64), "blue").save(tmp_path / "big.png")
     with caplog.at_level("WARNING", logger="textual_inversion"):
-        images = tti.load_training_images(sorted(tmp_path.iterdir()), 32, center_crop=False)
+        images, _ = tti.load_training_images(sorted(tmp_path.iterdir()), 32, center_crop=False)
     assert images.shape == (2, 3, 32, 32)
     assert "small.png is 20x30" in caplog.text and "big.png" not in caplog.text

@@ -43,3 +43,17 @@ def test_two_ranks_sync_only_the_vectors_and_agree(tiny_pipeline, concept_dir, t
     assert rank0["synced_numels"] == [2 * 32] * 3  # one all-reduce per step, num_vectors x dim values
     assert rank0["history"] == rank1["history"]  # the logged loss is the mean over ranks
     assert torch.equal(load_file(out / "learned_embeds.safetensors")["<cat-toy>"], rank0["vectors"])
+
+
+def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_pipeline, concept_dir, tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
+            *train_argv(tiny_sdxl_pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "2")],
+           ACCELERATE_USE_CPU="1")
+    rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["synced_numels"] == [2 * (32 + 48)] * 2  # clip_l and clip_g vectors, nothing else
+    saved = load_file(out / "learned_embeds.safetensors")
+    for key in ("clip_l", "clip_g"):
+        assert torch.equal(rank0["embeds"][key], rank1["embeds"][key]) and torch.equal(saved[key], rank0["embeds"][key])

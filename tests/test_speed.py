@@ -97,10 +97,11 @@ def test_bf16_runs_frozen_weights_in_bf16_and_trains_fp32_vectors(run_training, 
     monkeypatch.setattr(tti, "make_optimizer_and_schedule", spy)
     result = run_training("--mixed_precision", "bf16", "--max_train_steps", "3")
     models = spy_models["models"]
-    for module in (models.unet, models.vae, models.embedding.frozen):
+    (embedding,) = models.embeddings
+    for module in (models.unet, models.vae, embedding.frozen):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
-    assert models.embedding.vectors.dtype == torch.float32
-    exp_avg = states[0].state[models.embedding.vectors]["exp_avg"]
+    assert embedding.vectors.dtype == torch.float32
+    exp_avg = states[0].state[embedding.vectors]["exp_avg"]
     assert exp_avg.dtype == torch.float32 and exp_avg.abs().sum() > 0
     assert models.latents.mean.dtype == torch.float32
     assert all(math.isfinite(h["loss"]) for h in result.history)
@@ -113,7 +114,8 @@ def test_attention_is_pytorch_sdpa_by_default(run_training, spy_models):
     run_training("--max_train_steps", "1")
     models = spy_models["models"]
     assert {type(p) for p in models.unet.attn_processors.values()} == {AttnProcessor2_0}
-    assert models.text_encoder.config._attn_implementation == "sdpa"
+    (text_encoder,) = models.prompt_encoder.text_encoders
+    assert text_encoder.config._attn_implementation == "sdpa"
 
 
 def test_compiled_unet_trains_to_the_same_vectors(run_training, tmp_path, spy_models):
