@@ -105,19 +105,21 @@ def build_clip_tokenizer(save_dir: str | Path, pad_token: str = EOS) -> CLIPToke
     return tokenizer
 
 
+TINY_TEXT_ENCODER = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+TINY_VAE = dict(
+    # Four levels like SD so vae_scale_factor is 8 and latent shapes match the
+    # real model at any resolution; the widths are what keep it tiny.
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 16, 16),
+    norm_num_groups=8,
+    layers_per_block=1,
+    sample_size=64,
+)
+
+
 def build_tiny_pipeline(output_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Build and save a tiny random SD-1.x pipeline; returns `output_dir` (loadable with from_pretrained)."""
-    text_encoder = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    vae = dict(
-        # Four levels like SD so vae_scale_factor is 8 and latent shapes match the
-        # real model at any resolution; the widths are what keep it tiny.
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-    )
     unet = dict(
         sample_size=8,  # 8 latents * 8 = 64 px default resolution
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -128,7 +130,7 @@ def build_tiny_pipeline(output_dir: str | Path, seed: int = 0, prediction_type: 
         attention_head_dim=8,
         cross_attention_dim=TEXT_HIDDEN,
     )
-    return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed, prediction_type)
+    return save_sd1_pipeline(output_dir, TINY_TEXT_ENCODER, TINY_VAE, unet, seed, prediction_type)
 
 
 def build_sd15_shaped_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
@@ -159,15 +161,12 @@ def build_sd15_shaped_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_sd2_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     """A tiny SD-2.x-architecture pipeline: OpenCLIP-style text encoder (GELU, "!" padding), linear-projection
     transformer blocks with per-level head counts, and v-prediction, like stable-diffusion-2-1."""
-    text_encoder = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                        hidden_act="gelu")
-    vae = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-               block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1, sample_size=64)
+    text_encoder = dict(TINY_TEXT_ENCODER, hidden_act="gelu")
     unet = dict(sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
                 norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
                 cross_attention_dim=TEXT_HIDDEN)
-    return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed, "v_prediction", pad_token="!")
+    return save_sd1_pipeline(output_dir, text_encoder, TINY_VAE, unet, seed, "v_prediction", pad_token="!")
 
 
 def build_tiny_sdxl_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
@@ -184,18 +183,15 @@ def build_tiny_sdxl_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     legacy_ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)  # as in SDXL's published configs
 
     def text_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-                              projection_dim=hidden, **legacy_ids)
+        return CLIPTextConfig(**{**TINY_TEXT_ENCODER, "hidden_size": hidden}, vocab_size=VOCAB_SIZE,
+                              max_position_embeddings=77, hidden_act="gelu", projection_dim=hidden, **legacy_ids)
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config(TEXT_HIDDEN))
     torch.manual_seed(seed)
     text_encoder_2 = CLIPTextModelWithProjection(text_config(TEXT_HIDDEN_2))
     torch.manual_seed(seed)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1, sample_size=64,
-                        latent_channels=4, scaling_factor=0.13025, force_upcast=True)
+    vae = AutoencoderKL(**TINY_VAE, latent_channels=4, scaling_factor=0.13025, force_upcast=True)
     time_embed_dim = 8
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
