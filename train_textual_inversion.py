@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Textual inversion for Stable Diffusion: learn a new pseudo-word from 3-5 images.
+"""Textual inversion for Stable Diffusion 1.x, 2.x and XL: learn a new pseudo-word from 3-5 images.
 
     accelerate launch train_textual_inversion.py --pretrained_model_name_or_path=<folder or hub id> \
         --train_data_dir=./my_concept --placeholder_token="<cat-toy>" --initializer_token=toy --output_dir=out
 
 Only the placeholder vectors train (Gal et al., 2022). They live in a small `num_vectors x dim` parameter of their
-own, spliced into the frozen token embedding, so the optimizer state, the gradient and the data-parallel all-reduce
-are that size, and every other embedding row stays bit-identical to the base model. Flags, defaults and outputs
-follow diffusers' examples/textual_inversion/textual_inversion.py.
+own (one per text encoder), spliced into the frozen token embedding, so the optimizer state, the gradient and the
+data-parallel all-reduce are that size, and every other embedding row stays bit-identical to the base model. The
+training images go through the VAE once, at start-up. Flags, defaults and outputs follow diffusers'
+examples/textual_inversion/textual_inversion.py; the model family comes from the pipeline's model_index.json.
 """
 
 from __future__ import annotations
