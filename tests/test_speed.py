@@ -123,3 +123,20 @@ def test_compiled_unet_trains_to_the_same_vectors(run_training, tmp_path, spy_mo
     compiled = run_training("--max_train_steps", "2", "--compile_unet", out=tmp_path / "compiled")
     assert spy_models["models"].unet._compiled_call_impl is not None  # really compiled, not silently skipped
     torch.testing.assert_close(compiled.vectors, plain.vectors, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_frozen_weights_give_fp32_gradients_the_grad_scaler_can_unscale():
+    """What fp16 training needs (it runs on GPUs only, so here without one): the frozen matrix and the activations in
+    fp16, the vectors, their gradient and AdamW in fp32, so the scaler never meets an fp16 gradient."""
+    frozen = torch.nn.Embedding(10, 4).to(torch.float16).requires_grad_(False)
+    embedding = tti.PlaceholderEmbedding(frozen, 10, torch.randn(2, 4))
+    optimizer = torch.optim.AdamW([embedding.vectors], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    out = embedding(torch.tensor([[1, 10, 11]]))
+    assert out.dtype == torch.float16
+    scaler.scale(out.float().square().sum()).backward()
+    assert embedding.vectors.grad.dtype == torch.float32
+    scaler.unscale_(optimizer)  # raises "Attempting to unscale FP16 gradients" for fp16 parameters
+    before = embedding.vectors.detach().clone()
+    scaler.step(optimizer)
+    assert not torch.equal(embedding.vectors, before) and torch.equal(embedding.frozen.weight, frozen.weight)
