@@ -1,4 +1,4 @@
-"""The embedded pipeline and examples/generate.py, as `make demo` uses them."""
+"""The tiny pipeline builders (examples/make_tiny_pipeline.py) and examples/generate.py, which evaluate.py and users load with."""
 
 from __future__ import annotations
 
