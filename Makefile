@@ -1,12 +1,14 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, build the tiny embedded pipeline, train on examples/concept, render a grid
+#   make demo   set up .venv, teach the pretrained toy-world pipeline the held-out concept, judge it, draw a picture
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch keeps set-up fast where no GPU is present; override on a GPU box, e.g. TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
-PIPELINE ?= examples/tiny-sd
+# The embedded default: a tiny SD-architecture pipeline pretrained on the toy world (examples/toy_world/pretrain.py).
+PIPELINE ?= examples/toy_world/pipeline
+TINY_PIPELINE := examples/tiny-sd
 DEMO_OUT ?= out/demo
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
@@ -21,24 +23,28 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@
 
-$(PIPELINE)/model_index.json: | $(VENV)/.installed
-	$(PY) examples/make_tiny_pipeline.py --output_dir $(PIPELINE)
+# Random weights, for trying the script on another concept folder: make $(TINY_PIPELINE)/model_index.json
+$(TINY_PIPELINE)/model_index.json: | $(VENV)/.installed
+	$(PY) examples/make_tiny_pipeline.py --output_dir $(TINY_PIPELINE)
 
-demo: $(VENV)/.installed $(PIPELINE)/model_index.json
+# The held-out concept (a purple striped triangle, which no single word names) in 5 images, taught to the pretrained
+# toy-world pipeline, then judged (examples/toy_world/evaluate.py) against the initializer word and a random vector.
+demo: $(VENV)/.installed
 	rm -rf $(DEMO_OUT)
 	$(ACCELERATE) train_textual_inversion.py \
-	  --pretrained_model_name_or_path=$(PIPELINE) --train_data_dir=examples/concept \
-	  --placeholder_token="<cat-toy>" --initializer_token=toy --resolution=64 \
-	  --train_batch_size=4 --max_train_steps=150 --learning_rate=5e-4 --scale_lr --lr_warmup_steps=0 \
-	  --checkpointing_steps=50 --checkpoints_total_limit=2 --save_steps=50 --seed=0 \
-	  --validation_prompt="a photo of <cat-toy> on the beach" --validation_steps=150 \
+	  --pretrained_model_name_or_path=$(PIPELINE) --train_data_dir=examples/toy_concept \
+	  --placeholder_token="<toy-concept>" --initializer_token=triangle --num_vectors=2 \
+	  --templates=examples/toy_world/templates.txt --resolution=32 \
+	  --train_batch_size=4 --max_train_steps=200 --learning_rate=1e-2 --lr_warmup_steps=0 \
+	  --checkpointing_steps=100 --checkpoints_total_limit=1 --seed=0 \
+	  --validation_prompt="a photo of a <toy-concept> on a pink background" --validation_steps=100 \
 	  --output_dir=$(DEMO_OUT)
-	$(PY) examples/generate.py --pretrained_model_name_or_path=$(PIPELINE) --learned_embeds=$(DEMO_OUT) \
-	  --prompt="a photo of <cat-toy> on the beach" --num_images=4 --resolution=64 --output=$(DEMO_OUT)/grid.png
-	@echo "learned embeddings: $(DEMO_OUT)/learned_embeds.safetensors   grid: $(DEMO_OUT)/grid.png"
+	$(PY) examples/toy_world/evaluate.py --pretrained_model_name_or_path=$(PIPELINE) \
+	  --learned_embeds=$(DEMO_OUT) --output_json=$(DEMO_OUT)/eval.json --images=$(DEMO_OUT)/eval.png
+	@echo "learned: $(DEMO_OUT)/learned_embeds.safetensors  judged: $(DEMO_OUT)/eval.json  picture: $(DEMO_OUT)/eval.png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(PIPELINE) out
+	rm -rf $(VENV) $(TINY_PIPELINE) out
