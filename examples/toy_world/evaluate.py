@@ -98,8 +98,9 @@ def labelled_rows(rows: list[tuple[str, list, list | None]], scale: int = 3, per
     bar under it when the row has marks: green where the judge passed the image, red where it did not."""
     import textwrap
 
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.load_default(size=12)  # the scalable default; the bitmap one drops the spaces between words
     side, bar, pad, label_w = world.RESOLUTION * scale, 5, 5, 250
     width = label_w + per_row * (side + pad) + pad
     height = len(rows) * (side + bar + 2 * pad) + pad
@@ -108,7 +109,7 @@ def labelled_rows(rows: list[tuple[str, list, list | None]], scale: int = 3, per
     for r, (label, images, marks) in enumerate(rows):
         y = pad + r * (side + bar + 2 * pad)
         for i, line in enumerate(textwrap.wrap(label, 38)):
-            pen.text((pad, y + 4 + 12 * i), line, fill=(0, 0, 0))
+            pen.text((pad, y + 4 + 15 * i), line, fill=(0, 0, 0), font=font)
         for c, image in enumerate(images[:per_row]):
             x = label_w + pad + c * (side + pad)
             canvas.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (x, y))
