@@ -855,8 +855,9 @@ def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], le
                                 max_train_steps: int):
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW([e.vectors for e in embeddings], lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW([e.vectors for e in embeddings], lr=learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                  eps=args.adam_epsilon)
     # Stepped once per optimizer step by us, not by accelerate (which would step it once per process).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles)
@@ -1115,14 +1116,18 @@ def resume_command(args: argparse.Namespace) -> str:
 class TrainResult:
     """What a run did, for callers and tests: `main` is also a library function."""
 
-    vectors: torch.Tensor  # final placeholder vectors of the (first) text encoder, float32 [num_vectors, dim], CPU
-    embeds: dict[str, torch.Tensor]  # all of them, as saved: {token: T} or SDXL's {"clip_l": T, "clip_g": T}
+    embeds: dict[str, torch.Tensor]  # final vectors, float32 on the CPU, as saved: {token: T} or SDXL's clip_l/clip_g
     placeholder_token_ids: list[int]  # in the (first) tokenizer
     learning_rate: float
     num_processes: int
     first_step: int
     history: list[dict[str, float]]  # per optimizer step: loss (mean over processes) and lr
     output_path: Path
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The (first) text encoder's vectors, float32 [num_vectors, dim]."""
+        return next(iter(self.embeds.values()))
 
 
 def main(args: argparse.Namespace) -> TrainResult:
@@ -1189,8 +1194,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     if stop_signal:
         raise TrainingStopped(f"stopped by signal {stop_signal} after step {last_step}; saved {final_path} and "
                               f"checkpoint-{last_step}. Resume with:\n  {resume_command(args)}", 128 + stop_signal)
-    embeds = {key: vectors.detach().float().cpu().clone() for key, vectors in models.embeds(args.placeholder_token).items()}
-    return TrainResult(next(iter(embeds.values())), embeds, inputs.placeholder_token_ids[0], learning_rate,
+    embeds = {key: v.detach().float().cpu().clone() for key, v in models.embeds(args.placeholder_token).items()}
+    return TrainResult(embeds, inputs.placeholder_token_ids[0], learning_rate,
                        accelerator.num_processes, first_step, history, final_path)
 
 

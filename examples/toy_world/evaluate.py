@@ -158,13 +158,14 @@ def evaluate(pipeline, judge, placeholder: str, initializer: str, concept: dict[
             prompt = template.format(subject)
             images = draw(pipeline, prompt, num_images, seed, guidance_scale, steps)
             judged = judge_lib.predict(judge, images)
-            passed = [keeps_concept(a, {**concept, **expect}) for a in judged]
-            per_prompt[prompt] = {"score": float(np.mean(passed)), "concept_kept": score(judged, concept)}
+            passed = [keeps_concept(a, {**concept, **expect}) for a in judged]  # per image, for the picture
+            share = float(np.mean(passed))
+            per_prompt[prompt] = {"score": share, "concept_kept": score(judged, concept)}
             if expect:
                 per_prompt[prompt]["edit_applied"] = score(judged, {}, expect)
-                edit_scores.append(float(np.mean(passed)))
+                edit_scores.append(share)
             else:
-                result["reconstruction"][name] = float(np.mean(passed))
+                result["reconstruction"][name] = share
             samples[name, kind] = (prompt, images, passed)
         result["editability"][name] = float(np.mean(edit_scores))
     result["per_prompt"] = per_prompt
