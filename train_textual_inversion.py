@@ -154,8 +154,10 @@ def validate_args(args: argparse.Namespace) -> str | None:
             return f"--{name} must be one of {', '.join(allowed)} (got {getattr(args, name)!r})"
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         return "--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine"
-    if args.push_to_hub or args.hub_token or args.hub_model_id:
-        return "--push_to_hub is not supported: upload --output_dir yourself (e.g. `huggingface-cli upload`)"
+    hub_flags = [f"--{name}" for name in ("push_to_hub", "hub_token", "hub_model_id") if getattr(args, name)]
+    if hub_flags:
+        return (f"{' and '.join(hub_flags)}: uploading is not supported here; upload --output_dir yourself "
+                "(e.g. `hf upload`)")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         return f"--placeholder_token must be one word without spaces (got {args.placeholder_token!r})"
     if args.placeholder_token != args.placeholder_token.lower():
@@ -679,6 +681,21 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict[str, torch.T
 
 
 # ---- Models and the training step ------------------------------------------------------------------------------------
+def model_load_error(args: argparse.Namespace, what: str, error: Exception) -> UsageError:
+    """A from_pretrained failure as one line naming the flag that most likely caused it (--variant, --revision or
+    the model itself) and what to do; the library's own first line says which file was missing."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    name = args.pretrained_model_name_or_path
+    if getattr(args, "variant", None) and f".{args.variant}." in str(error):
+        return UsageError(f"--variant {args.variant}: {name} has no {args.variant} weights for {what} ({detail}); "
+                          "drop --variant or name a variant the model has")
+    if args.revision:
+        return UsageError(f"--revision {args.revision}: {name}: cannot load {what} at that revision ({detail}); "
+                          "check the revision (a branch, tag or commit of the model) or drop --revision")
+    return UsageError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({detail}); give a diffusers "
+                      "pipeline folder or a hub id this machine can reach")
+
+
 def pipeline_family(args: argparse.Namespace) -> str:
     """'sd' (SD 1.x and 2.x: one CLIP text encoder) or 'sdxl' (two), read from the pipeline's model_index.json."""
     from diffusers import DiffusionPipeline
@@ -687,8 +704,7 @@ def pipeline_family(args: argparse.Namespace) -> str:
     try:
         class_name = DiffusionPipeline.load_config(name, revision=args.revision).get("_class_name")
     except (OSError, ValueError) as e:
-        raise UsageError(f"--pretrained_model_name_or_path {name}: cannot read its model_index.json "
-                         f"({str(e).splitlines()[0]})") from None
+        raise model_load_error(args, "its model_index.json", e) from None
     if class_name not in PIPELINE_FAMILIES:
         raise UsageError(f"--pretrained_model_name_or_path {name} is a {class_name}; this script trains "
                          f"{' and '.join(PIPELINE_FAMILIES)} models (SD 1.x, 2.x and SDXL)")
@@ -702,12 +718,20 @@ def load_models(args: argparse.Namespace, family: str):
 
     source = dict(revision=args.revision, variant=args.variant)
     name = args.pretrained_model_name_or_path
-    noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision)
-    text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **source)]
-    if family == "sdxl":  # the second one also gives the pooled projection the SDXL UNet is conditioned on
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **source))
-    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **source)
-    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **source)
+    subfolder = "scheduler"
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder=subfolder, revision=args.revision)
+        subfolder = "text_encoder"
+        text_encoders = [CLIPTextModel.from_pretrained(name, subfolder=subfolder, **source)]
+        if family == "sdxl":  # the second one also gives the pooled projection the SDXL UNet is conditioned on
+            subfolder = "text_encoder_2"
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(name, subfolder=subfolder, **source))
+        subfolder = "vae"
+        vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder, **source)
+        subfolder = "unet"
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, **source)
+    except (OSError, ValueError) as e:  # a missing variant or revision, a hub id out of reach, a damaged file
+        raise model_load_error(args, f"its {subfolder}", e) from None
     return noise_scheduler, text_encoders, vae, unet
 
 
@@ -723,9 +747,10 @@ def load_tokenizers(args: argparse.Namespace, family: str) -> list:
             return [CLIPTokenizer.from_pretrained(name)]
         subfolders = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
         return [CLIPTokenizer.from_pretrained(name, subfolder=sub, revision=args.revision) for sub in subfolders]
-    except OSError as e:  # not found, offline, no tokenizer folder: say which, without a traceback
-        flag = "--tokenizer_name" if args.tokenizer_name else "--pretrained_model_name_or_path"
-        raise UsageError(f"{flag} {name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:  # not found, offline, no tokenizer folder: say which, without a traceback
+        if args.tokenizer_name:
+            raise UsageError(f"--tokenizer_name {name}: cannot load it ({str(e).splitlines()[0]})") from None
+        raise model_load_error(args, "its tokenizer", e) from None
 
 
 def pool_at_end_of_text(text_encoder, tokenizer) -> None:
@@ -823,28 +848,40 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
     for text_encoder in text_encoders:
         text_encoder.train()  # CLIP has no dropout; train mode only lets gradient checkpointing engage
         if args.gradient_checkpointing:
-            text_encoder.gradient_checkpointing_enable()
+            enable_activation_checkpointing(text_encoder)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
     if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default
         unet.enable_xformers_memory_efficient_attention()
     if args.compile_unet:
-        import torch._inductor.config
+        # `from ... import`, not `import torch._inductor.config`: the latter would make `torch` a local name of this
+        # whole function and break every other use of it here (it once broke --allow_tf32).
+        from torch._inductor import config as inductor_config
 
         # With its channels-last layout pass, Inductor (torch 2.13, CPU) silently gets the gradient to the text
         # conditioning wrong through the UNet's nearest upsampling; tests/test_speed.py compares with eager.
-        torch._inductor.config.layout_optimization = False
+        inductor_config.layout_optimization = False
         unet.compile()  # in place: the module stays a UNet2DConditionModel for validation and saving
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def enable_activation_checkpointing(text_encoder) -> None:
+    """transformers >= 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns); older ones only
+    have the old name."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable()
 
 
 def check_vae_factor(args: argparse.Namespace) -> None:
     """--resolution must divide by the VAE's downsampling factor; read from its config, before any weights load."""
     from diffusers import AutoencoderKL
 
-    config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    try:
+        config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    except (OSError, ValueError) as e:
+        raise model_load_error(args, "its vae config", e) from None
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     if args.resolution % factor:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}; "
@@ -1221,6 +1258,9 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     templates = load_templates(args.templates, args.learnable_property)
     template_input_ids = torch.stack([tokenize_templates(t, templates, args.placeholder_token, args.num_vectors)
                                       for t in tokenizers], dim=1)
+    if args.validation_prompt and args.placeholder_token not in args.validation_prompt:
+        logger.warning(f"--validation_prompt {args.validation_prompt!r} does not contain {args.placeholder_token}: "
+                       "its images will show nothing learned; write the placeholder where the concept goes")
     image_paths, skipped = list_image_files(args.train_data_dir)
     if skipped:
         logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
