@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the LR schedule.")
     a("--lr_num_cycles", type=int, default=1, help="Hard restarts for cosine_with_restarts.")
     a("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes (0: main process).")
+    a("--use_8bit_adam", action="store_true",
+      help="Accepted for diffusers' SDXL command lines; changes nothing (the optimizer state is num_vectors x dim).")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (on the placeholder vectors only).")
@@ -103,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no_safe_serialization", action="store_true", help="Write .bin (torch.save) instead of .safetensors.")
     a("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint-N every N steps.")
     a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    a("--resume_from_checkpoint", default=None, help='A checkpoint-N folder, or "latest" in --output_dir.')
+    a("--resume_from_checkpoint", default=None,
+      help='A checkpoint-N folder, a checkpoint-N name inside --output_dir, or "latest" there.')
     a("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
     a("--report_to", default="tensorboard", help='tensorboard (default), wandb, comet_ml, all, or "none".')
     a("--validation_prompt", default=None, help="Prompt rendered every --validation_steps (use the placeholder).")
     a("--num_validation_images", type=int, default=4)
     a("--validation_steps", type=int, default=100)
+    a("--validation_epochs", type=int, default=None,
+      help="Deprecated (as in diffusers): sets --validation_steps to this x images x --repeats.")
     # diffusers' hub flags: accepted so their command lines fail with a clear reason, not "unrecognized argument".
     a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
     a("--hub_token", default=None, help=argparse.SUPPRESS)
@@ -140,6 +146,8 @@ def validate_args(args: argparse.Namespace) -> str | None:
     for name in positive:
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1 (got {getattr(args, name)})"
+    if args.validation_epochs is not None and args.validation_epochs < 1:
+        return f"--validation_epochs must be at least 1 (got {args.validation_epochs})"
     for name in ["max_train_steps", "lr_warmup_steps", "dataloader_num_workers"]:
         if getattr(args, name) < 0:
             return f"--{name} must be 0 or more (got {getattr(args, name)})"
@@ -202,8 +210,9 @@ def validate_paths(args: argparse.Namespace) -> str | None:
     if not model.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a path, not a hub id
         return f"--pretrained_model_name_or_path {name} does not exist"
     resume = args.resume_from_checkpoint
-    if resume is not None and resume != "latest" and not Path(resume).is_dir():
-        return f"--resume_from_checkpoint {resume} is not a folder: give a checkpoint-N folder or 'latest'"
+    if resume not in (None, "latest") and not resolve_resume_checkpoint(resume, args.output_dir).is_dir():
+        return (f"--resume_from_checkpoint {resume} is neither a folder nor a checkpoint in --output_dir "
+                f"{args.output_dir}: give a checkpoint-N folder, its name, or 'latest'")
     return None
 
 
@@ -592,17 +601,40 @@ def checkpoints_to_remove(checkpoints: Sequence[tuple[int, Path]], total_limit: 
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
-    """'latest' -> newest complete checkpoint in output_dir (None if there is none); a path -> that path."""
+    """'latest' -> newest complete checkpoint in output_dir (None if there is none); an existing folder -> that
+    folder; any other name -> that name inside output_dir, as diffusers resolves `--resume_from_checkpoint=checkpoint-2`."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1][1] if checkpoints else None
-    return Path(resume_from_checkpoint)
+    path = Path(resume_from_checkpoint)
+    return path if path.is_dir() else Path(output_dir) / path.name
 
 
 def embeds_filename(stem: str, safe_serialization: bool) -> str:
     return f"{stem}.safetensors" if safe_serialization else f"{stem}.bin"
+
+
+def app_word(placeholder_token: str) -> str:
+    """The file stem for the apps, which is the word a user types there: "<cat-toy>" -> "cat-toy".
+
+    AUTOMATIC1111/Forge, ComfyUI, kohya and InvokeAI all name an embedding after its file. InvokeAI's prompt syntax
+    `<word>` allows only letters, digits and `._-`, so everything else goes. A stem that would collide with
+    diffusers' own `learned_embeds*` files gets a suffix.
+    """
+    word = re.sub(r"[^A-Za-z0-9._-]+", "", placeholder_token).strip("._-") or "embedding"
+    return f"{word}-word" if word.startswith("learned_embeds") else word
+
+
+def app_layout(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as every app reads them (README, "Using the result").
+
+    SDXL's `clip_l`/`clip_g` pair already is. One text encoder's `{token: [n, dim]}` is not: InvokeAI takes the
+    width of a single unknown key from `shape[0]` (which is n), so it goes under kohya's key `emb_params`, which
+    InvokeAI reads width-last and AUTOMATIC1111, ComfyUI and kohya read as the file's one tensor.
+    """
+    return dict(embeds) if len(embeds) > 1 else {"emb_params": next(iter(embeds.values()))}
 
 
 def save_learned_embeds(embeds: dict[str, torch.Tensor], path: str | Path, safe_serialization: bool = True,
@@ -619,13 +651,25 @@ def save_learned_embeds(embeds: dict[str, torch.Tensor], path: str | Path, safe_
     if safe_serialization:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     else:
-        torch.save(tensors, tmp)
+        # torch's legacy format: AUTOMATIC1111's safe unpickler refuses the zip entries (byteorder,
+        # .format_version) that torch >= 2.1 writes, and every other loader reads both.
+        torch.save(tensors, tmp, _use_new_zipfile_serialization=False)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; results are meant to be shared
     _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def save_result_files(embeds: dict[str, torch.Tensor], output_dir: Path, suffix: str, placeholder_token: str,
+                      safe_serialization: bool, metadata: dict[str, str]) -> list[Path]:
+    """`learned_embeds{suffix}` for diffusers and `<word>{suffix}` for the apps (suffix "" or "-steps-N")."""
+    paths = [output_dir / embeds_filename(f"learned_embeds{suffix}", safe_serialization),
+             output_dir / embeds_filename(f"{app_word(placeholder_token)}{suffix}", safe_serialization)]
+    save_learned_embeds(embeds, paths[0], safe_serialization, metadata)
+    save_learned_embeds(app_layout(embeds), paths[1], safe_serialization, metadata)
+    return paths
 
 
 def _fsync(path: Path) -> None:
@@ -807,16 +851,55 @@ def make_accelerator(args: argparse.Namespace):
                        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
 
 
-def setup_logging(accelerator) -> None:
+# Library notices that tell a user of this script nothing, each seen in its runs; other library warnings still show.
+LIBRARY_NOISE = (
+    "that should be kept in float32",  # diffusers, casting a model whose list of fp32 modules is empty
+    "requires torchvision",  # transformers' image processors, which no pipeline here uses
+    "multivariate normal distribution",  # transformers' "mean resizing", inside load_textual_inversion
+    "local_dir_use_symlinks",  # huggingface_hub, about an argument diffusers passes
+)
+
+
+class _DropLibraryNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in LIBRARY_NOISE)
+
+
+def quiet_libraries(level: int = logging.WARNING) -> None:
+    """Library warnings at `level` without LIBRARY_NOISE, and no loading bars (the run's own bar is the one to
+    watch; huggingface_hub's download bars stay). Also used by examples/generate.py and evaluate.py."""
+    import warnings
+
     import diffusers
     import transformers
 
+    for library in (transformers, diffusers):
+        library.utils.logging.set_verbosity(level)
+        library.utils.logging.disable_progress_bar()
+        for handler in logging.getLogger(library.__name__).handlers:
+            handler.addFilter(_DropLibraryNoise())
+    for noise in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(noise)}")
+
+
+class _AboveTheBar(logging.StreamHandler):
+    """Log lines go above the progress bar instead of being glued to its end."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(accelerator) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.ERROR, force=True)
-    # Library chatter (e.g. "some weights not initialized") only from one process, and only warnings.
-    level = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
-    transformers.utils.logging.set_verbosity(level)
-    diffusers.utils.logging.set_verbosity(level)
+                        level=logging.INFO if accelerator.is_local_main_process else logging.ERROR, force=True,
+                        handlers=[_AboveTheBar(sys.stderr)])
+    # Library chatter only from one process, and only warnings that say something.
+    quiet_libraries(logging.WARNING if accelerator.is_local_main_process else logging.ERROR)
 
 
 def agree_on_seed(accelerator, seed: int | None) -> int:
@@ -892,6 +975,10 @@ def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], le
                                 max_train_steps: int):
     from diffusers.optimization import get_scheduler
 
+    if args.use_8bit_adam:
+        size = sum(e.vectors.numel() for e in embeddings)
+        logger.info(f"--use_8bit_adam changes nothing here: the optimizer state is num_vectors x dim ({size} values, "
+                    f"{size * 8} bytes in fp32), so AdamW keeps it in fp32")
     optimizer = torch.optim.AdamW([e.vectors for e in embeddings], lr=learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)
@@ -899,6 +986,17 @@ def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], le
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles)
     return optimizer, lr_scheduler
+
+
+def validation_every(validation_steps: int, validation_epochs: int | None, num_samples: int) -> int:
+    """--validation_steps, or what diffusers makes of its deprecated --validation_epochs: that many times the
+    dataset's length in samples (images x --repeats; diffusers counts samples there, not optimizer steps)."""
+    if validation_epochs is None:
+        return validation_steps
+    steps = validation_epochs * num_samples
+    logger.warning(f"--validation_epochs is deprecated (as in diffusers): validating every {steps} steps "
+                   f"({validation_epochs} x {num_samples} samples); use --validation_steps {steps} instead")
+    return steps
 
 
 def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max_train_steps: int,
@@ -921,8 +1019,9 @@ def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max
     logger.info("\n".join(lines))
 
 
-def run_validation(args, accelerator, models: Models, seed: int, step: int) -> None:
-    """Render --num_validation_images for the validation prompt; save a grid PNG and log it to TensorBoard."""
+def run_validation(args, accelerator, models: Models, seed: int, step: int) -> Path:
+    """Render --num_validation_images for the validation prompt; save a grid PNG (returned) and log it to
+    TensorBoard."""
     from diffusers import DPMSolverMultistepScheduler
 
     weight_dtype = models.weight_dtype
@@ -938,14 +1037,14 @@ def run_validation(args, accelerator, models: Models, seed: int, step: int) -> N
         images = pipeline(prompt, num_images_per_prompt=args.num_validation_images, num_inference_steps=25,
                           height=args.resolution, width=args.resolution, generator=generator).images
     models.prompt_encoder.train()
-    folder = Path(args.output_dir, "validation")
-    folder.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(folder / f"step-{step}.png")
+    path = Path(args.output_dir, "validation", f"step-{step}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
                                       dataformats="NHWC")
-    logger.info(f"Validation images for {args.validation_prompt!r} saved to {folder / f'step-{step}.png'}")
+    return path
 
 
 def image_grid(images: Sequence[Image.Image]) -> Image.Image:
@@ -1059,43 +1158,63 @@ def accumulate_step(accelerator, models: Models, micro_batches: list[dict], step
     return step_loss
 
 
-def save_step_outputs(args, accelerator, models: Models, optimizer, lr_scheduler, done: int, seed: int,
-                      run_identity: dict, force_checkpoint: bool = False) -> None:
-    """Intermediate learned_embeds, checkpoints and validation images due after step `done` (main process)."""
+@dataclass
+class Run:
+    """What the loop and its saves need, gathered once by main()."""
+
+    args: argparse.Namespace
+    accelerator: object
+    models: Models
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    seed: int
+    run_identity: dict  # what a checkpoint must match to be resumed by this run
+    max_train_steps: int
+    validation_steps: int  # --validation_steps, or what the deprecated --validation_epochs converts to
+
+
+def save_step_outputs(run: Run, done: int, force_checkpoint: bool = False) -> None:
+    """Intermediate learned_embeds, checkpoints and validation images due after step `done` (main process), and one
+    line saying what was written."""
+    args, accelerator = run.args, run.accelerator
     output_dir, safe = Path(args.output_dir), not args.no_safe_serialization
-    embeds, metadata = models.embeds(args.placeholder_token), embeds_metadata(args, done)
+    embeds, metadata = run.models.embeds(args.placeholder_token), embeds_metadata(args, done)
+    written = []
     if done % args.save_steps == 0:
-        save_learned_embeds(embeds, output_dir / embeds_filename(f"learned_embeds-steps-{done}", safe), safe, metadata)
+        paths = save_result_files(embeds, output_dir, f"-steps-{done}", args.placeholder_token, safe, metadata)
+        written.append(" and ".join(p.name for p in paths))
     if done % args.checkpointing_steps == 0 or force_checkpoint:
-        state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+        state = {"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = save_checkpoint(output_dir, done, embeds, state, {**run_identity, "seed": seed},
+        path = save_checkpoint(output_dir, done, embeds, state, {**run.run_identity, "seed": run.seed},
                                args.checkpoints_total_limit, metadata)
-        logger.info(f"Saved {path}")
-    if args.validation_prompt and done % args.validation_steps == 0 and not force_checkpoint:
-        run_validation(args, accelerator, models, seed, done)
+        written.append(path.name)
+    if args.validation_prompt and done % run.validation_steps == 0 and not force_checkpoint:
+        written.append(str(run_validation(args, accelerator, run.models, run.seed, done).relative_to(output_dir)))
+    if written:
+        logger.info(f"Step {done}: saved {', '.join(written)}")
 
 
-def train(args, accelerator, models: Models, dataset, plan: BatchPlan, optimizer, lr_scheduler, first_step: int,
-          max_train_steps: int, seed: int, run_identity: dict) -> tuple[list[dict[str, float]], int]:
+def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dict[str, float]], int]:
     """The loop: micro-batches -> loss -> agree across processes -> step -> logs, saves, validation.
 
     Returns the per-step logs and the number of the signal that stopped it early (0 if none).
     """
     from tqdm.auto import tqdm
 
+    accelerator, models, optimizer, lr_scheduler = run.accelerator, run.models, run.optimizer, run.lr_scheduler
     history, stopped_by = [], 0
-    progress = tqdm(total=max_train_steps, initial=first_step, desc="Steps",
+    progress = tqdm(total=run.max_train_steps, initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     with stop_requests() as stop:
-        for step, micro_batches in iterate_steps(dataset, plan, first_step, max_train_steps,
-                                                 args.dataloader_num_workers):
-            step_loss = accumulate_step(accelerator, models, micro_batches, step, seed)
+        for step, micro_batches in iterate_steps(dataset, plan, first_step, run.max_train_steps,
+                                                 run.args.dataloader_num_workers):
+            step_loss = accumulate_step(accelerator, models, micro_batches, step, run.seed)
             # One small collective per step: the loss to log, and whether any process was asked to stop.
             flags = torch.stack([step_loss, torch.tensor(float(stop["signal"]), device=step_loss.device)])
             loss_sum, signal_sum = accelerator.reduce(flags, "sum").tolist()
             if not math.isfinite(loss_sum):
-                raise diverged(args, accelerator, models, step, loss_sum)
+                raise diverged(run, step, loss_sum)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1109,24 +1228,23 @@ def train(args, accelerator, models: Models, dataset, plan: BatchPlan, optimizer
             if signal_sum:  # this process's signal, or SIGTERM when only another process got one
                 stopped_by = stop["signal"] or 15
             if accelerator.is_main_process:
-                save_step_outputs(args, accelerator, models, optimizer, lr_scheduler, done, seed, run_identity,
-                                  force_checkpoint=bool(stopped_by) and done < max_train_steps)
+                save_step_outputs(run, done, force_checkpoint=bool(stopped_by) and done < run.max_train_steps)
             if stopped_by:
                 break
     progress.close()
-    finished = first_step + len(history) >= max_train_steps
+    finished = first_step + len(history) >= run.max_train_steps
     return history, 0 if finished else stopped_by
 
 
-def diverged(args, accelerator, models: Models, step: int, loss: float) -> TrainingStopped:
+def diverged(run: Run, step: int, loss: float) -> TrainingStopped:
     """A non-finite loss: keep the last good vectors (the update was not applied) and say what to change."""
-    embeds = models.embeds(args.placeholder_token)
+    args = run.args
+    embeds = run.models.embeds(args.placeholder_token)
     kept = ""
-    if accelerator.is_main_process and all(torch.isfinite(v).all() for v in embeds.values()):
-        safe = not args.no_safe_serialization
-        path = Path(args.output_dir) / embeds_filename(f"learned_embeds-steps-{step}", safe)
-        save_learned_embeds(embeds, path, safe, embeds_metadata(args, step))
-        kept = f" The last good vectors (after step {step}) are in {path}."
+    if run.accelerator.is_main_process and all(torch.isfinite(v).all() for v in embeds.values()):
+        paths = save_result_files(embeds, Path(args.output_dir), f"-steps-{step}", args.placeholder_token,
+                                  not args.no_safe_serialization, embeds_metadata(args, step))
+        kept = f" The last good vectors (after step {step}) are in {paths[0]} and {paths[1].name}."
     return TrainingStopped(
         f"the loss became {loss} at step {step + 1}; nothing of that step was applied.{kept} Lower --learning_rate, "
         "use --mixed_precision bf16 or no instead of fp16, or check the training images, then start again.", 1)
@@ -1173,7 +1291,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     # 1. Processes, logging, the checkpoint to resume (checked first: it can refuse the run) and the seed.
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
-    logger.info(accelerator.state)
+    logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+                f"mixed precision {accelerator.mixed_precision}")
     output_dir = Path(args.output_dir)
     model = Path(args.pretrained_model_name_or_path).expanduser()
     run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
@@ -1203,6 +1322,7 @@ def main(args: argparse.Namespace) -> TrainResult:
                                              args.train_batch_size, accelerator.num_processes)
     optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.embeddings, learning_rate, max_train_steps)
     models.prompt_encoder, optimizer = accelerator.prepare(models.prompt_encoder, optimizer)
+    validation_steps = validation_every(args.validation_steps, args.validation_epochs, len(dataset))
 
     # 5. Resume: vectors, optimizer, schedule and step; the data and noise follow from (seed, step).
     first_step = 0
@@ -1218,15 +1338,16 @@ def main(args: argparse.Namespace) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
     log_run_summary(args, inputs, len(dataset), plan, max_train_steps, learning_rate, first_step, seed)
-    history, stop_signal = train(args, accelerator, models, dataset, plan, optimizer, lr_scheduler, first_step,
-                                 max_train_steps, seed, run_identity)
+    run = Run(args, accelerator, models, optimizer, lr_scheduler, seed, run_identity, max_train_steps,
+              validation_steps)
+    history, stop_signal = train(run, dataset, plan, first_step)
 
     # 7. Results, written once (also when a signal stopped the run early).
     accelerator.wait_for_everyone()
     final_path = output_dir / embeds_filename("learned_embeds", not args.no_safe_serialization)
     last_step = first_step + len(history)
     if accelerator.is_main_process:
-        save_results(args, accelerator, final_path, models, last_step)
+        save_results(args, accelerator, models, last_step)
     accelerator.end_training()
     if stop_signal:
         raise TrainingStopped(f"stopped by signal {stop_signal} after step {last_step}; saved {final_path} and "
@@ -1317,12 +1438,15 @@ def embeds_metadata(args: argparse.Namespace, step: int) -> dict[str, str]:
             "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
 
 
-def save_results(args, accelerator, final_path: Path, models: Models, step: int) -> None:
-    save_learned_embeds(models.embeds(args.placeholder_token), final_path, not args.no_safe_serialization,
-                        embeds_metadata(args, step))
+def save_results(args, accelerator, models: Models, step: int) -> list[Path]:
+    """The final learned_embeds (diffusers) and <word> (the apps) files, and the full pipeline if asked for."""
+    paths = save_result_files(models.embeds(args.placeholder_token), Path(args.output_dir), "", args.placeholder_token,
+                              not args.no_safe_serialization, embeds_metadata(args, step))
     if args.save_as_full_pipeline:
         save_full_pipeline(args, accelerator, models)
-    logger.info(f"Saved {final_path}")
+    logger.info(f"Saved {paths[0]} (diffusers) and {paths[1].name} (AUTOMATIC1111/Forge, ComfyUI, kohya, InvokeAI: "
+                f"the prompt word there is {app_word(args.placeholder_token)!r})")
+    return paths
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

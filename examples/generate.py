@@ -46,8 +46,8 @@ def read_embeddings(file: Path) -> dict[str, torch.Tensor | dict[str, torch.Tens
 
     diffusers `{token: T}`; AUTOMATIC1111 `.pt` (`string_to_param`); kohya/InvokeAI `{"emb_params": T}`; OneTrainer
     `{"emp_params": T}`; SDXL `{"clip_l": T, "clip_g": T}` (kohya, AUTOMATIC1111, ComfyUI, InvokeAI and this
-    project's trainer). Files without a usable token name take it, as in AUTOMATIC1111, from the file name
-    ("my-toy.pt" -> "my-toy"), or from the `placeholder_token` our trainer writes into a .safetensors' metadata.
+    project's trainer). Files without a usable token name take it from the `placeholder_token` our trainer writes
+    into a .safetensors' metadata or else, as in every app, from the file name ("my-toy.pt" -> "my-toy").
     """
     # Read the file ourselves (rather than handing load_textual_inversion the path) so we know the token names and
     # can accept files with several tokens; weights_only keeps a .pt/.bin from running arbitrary pickled code.
@@ -62,8 +62,8 @@ def read_embeddings(file: Path) -> dict[str, torch.Tensor | dict[str, torch.Tens
     if "string_to_param" in state:
         return {file.stem: next(iter(state["string_to_param"].values())).float()}
     for key in ("emb_params", "emp_params"):
-        if key in state:
-            return {file.stem: state[key].float()}
+        if key in state:  # kohya's and InvokeAI's layout, also this trainer's <word> files
+            return {token: state[key].float()}
     if {"clip_l", "clip_g"} <= set(state):
         return {token: {"clip_l": state["clip_l"].float(), "clip_g": state["clip_g"].float()}}
     return state
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
+    from train_textual_inversion import quiet_libraries
+
+    quiet_libraries()
     # fp16 halves GPU memory and is how SD-1.x is normally run; CPUs lack fast fp16.
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)  # SD or SDXL

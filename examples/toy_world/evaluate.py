@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from generate import load_learned_embeds, read_embeddings, resolve_embeds_path
+    from train_textual_inversion import quiet_libraries
 
+    quiet_libraries()
     pipeline = load_pipeline(args.pretrained_model_name_or_path)
     if args.world_check:
         result = world_check(pipeline, judge_lib.load_judge(args.judge), args.world_check, args.seed,
