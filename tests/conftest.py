@@ -94,3 +94,22 @@ def run_training(tiny_pipeline, concept_dir, tmp_path):
         return tti.main(tti.parse_args(train_argv(tiny_pipeline, concept_dir, out or tmp_path / "out", *extra)))
 
     return run
+
+
+# Library notices seen in this project's runs that say nothing to its users (issue: "a quiet console"). Written out
+# here rather than imported from the script, so that a change there cannot quietly loosen the test.
+LIBRARY_NOTICES = (
+    "requires torchvision",  # transformers' image processors
+    "should be kept in float32",  # diffusers' ModelMixin.to() with an empty fp32 list
+    "Loading weights",  # transformers' loading bar
+    "Loading pipeline components",  # diffusers' loading bar (validation, generate.py)
+    "multivariate normal distribution",  # transformers' mean resizing (load_textual_inversion)
+    "local_dir_use_symlinks",  # huggingface_hub
+    "Writing model shards",  # transformers' save bar (--save_as_full_pipeline)
+    "gradient_checkpointing_enable",  # transformers' deprecation
+    "Distributed environment:",  # accelerate's multi-line state dump
+)
+
+
+def notices_in(output: str) -> list[str]:
+    return [line for line in output.splitlines() if any(notice in line for notice in LIBRARY_NOTICES)]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT
+from conftest import ROOT, notices_in
 
 
 def test_embedded_tokenizer_is_the_real_clip_vocabulary(tiny_tokenizer):
@@ -31,6 +31,7 @@ def test_generate_renders_a_grid_with_multi_vector_embeds(tiny_pipeline, tmp_pat
                            str(grid), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Image.open(grid).size == (64, 32)
+    assert notices_in(proc.stdout + proc.stderr) == []  # e.g. transformers' "mean resizing" in load_textual_inversion
 
 
 def test_generate_names_a_missing_embeddings_file(tiny_pipeline, tmp_path):

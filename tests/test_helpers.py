@@ -503,6 +503,16 @@ def test_resolve_resume_checkpoint(tmp_path):
     make_checkpoint_dirs(tmp_path, ["checkpoint-11"], complete=False)
     assert tti.resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"
     assert tti.resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path) == tmp_path / "checkpoint-9"
+    # diffusers' form: a bare name, looked up in --output_dir (here from another working directory)
+    assert tti.resolve_resume_checkpoint("checkpoint-9", tmp_path) == tmp_path / "checkpoint-9"
+    assert not tti.resolve_resume_checkpoint("checkpoint-8", tmp_path).is_dir()
+
+
+def test_validation_epochs_converts_as_diffusers_does(caplog):
+    assert tti.validation_every(100, None, 400) == 100
+    with caplog.at_level("WARNING", logger="textual_inversion"):
+        assert tti.validation_every(100, 2, 400) == 800  # epochs x images x repeats, --validation_steps overridden
+    assert "--validation_epochs is deprecated" in caplog.text and "--validation_steps 800" in caplog.text
 
 
 def test_save_learned_embeds_safetensors_round_trip(tmp_path):
@@ -524,6 +534,10 @@ def test_save_learned_embeds_bin_round_trip(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert list(loaded) == ["<x>"] and torch.equal(loaded["<x>"], vectors)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    # torch's legacy format, not a zip: AUTOMATIC1111's safe unpickler refuses torch >= 2.1's zip entries
+    import zipfile
+
+    assert not zipfile.is_zipfile(path)
 
 
 IDENTITY = {"placeholder_token": "<x>", "num_vectors": 2, "pretrained_model_name_or_path": "some/model"}
