@@ -68,10 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--initializer_token", required=True, help='A coarse word or phrase for the concept ("toy", "teddy bear").')
     a("--num_vectors", type=int, default=1, help="Embedding vectors for the concept (<tok>, <tok>_1, ...).")
     a("--learnable_property", default="object", help="'object' or 'style': picks the prompt templates.")
-    a("--templates", default=None, help="Text file of your own templates, one per line, {} marks the token.")
+    a("--templates", default=None,
+      help="Text file of your own templates, one per line: {} marks the token, {caption} an image's caption.")
+    a("--caption_extension", default=None,
+      help="Read a caption per image from the file beside it with this extension, e.g. .txt (kohya's flag).")
+    a("--caption_column", default="text",
+      help="The caption field of --train_data_dir/metadata.jsonl (Hugging Face imagefolder), if that file exists.")
     a("--repeats", type=int, default=100, help="How many times each image appears per epoch.")
     a("--resolution", type=int, default=512, help="Training images are resized to resolution x resolution.")
     a("--center_crop", action="store_true", help="Center-crop images to a square before resizing.")
+    a("--alpha_mask", action="store_true", help="Weight the loss by each image's alpha channel (kohya's flag).")
+    a("--mask_dir", default=None,
+      help="Folder of grayscale masks, one per image with its file stem: white counts in the loss, black does not.")
+    a("--enable_bucket", action="store_true",
+      help="Aspect-ratio buckets: each image keeps its shape (about --resolution^2 pixels) instead of a square.")
+    a("--min_bucket_reso", type=int, default=256, help="Smallest bucket side (with --enable_bucket).")
+    a("--max_bucket_reso", type=int, default=1024, help="Largest bucket side (with --enable_bucket).")
+    a("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this (with --enable_bucket).")
     # optimisation
     a("--train_batch_size", type=int, default=16, help="Batch size per device.")
     a("--num_train_epochs", type=int, default=100, help="Used only if --max_train_steps is 0.")
@@ -90,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (on the placeholder vectors only).")
     a("--adam_epsilon", type=float, default=1e-08)
+    a("--max_grad_norm", type=float, default=None, help="Clip the placeholder vectors' gradient norm (off by default).")
+    a("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting with this gamma (5.0 is usual); off by default.")
+    a("--noise_offset", type=float, default=0.0, help="diffusers' noise offset (e.g. 0.05); 0 is off.")
     a("--seed", type=int, default=None, help="Seed for a reproducible run (a random one is drawn and logged if unset).")
     # hardware
     a("--mixed_precision", default="no", help="no, fp16 or bf16; frozen weights run in it, the vectors stay fp32.")
@@ -146,6 +162,18 @@ def validate_args(args: argparse.Namespace) -> str | None:
     for name in positive:
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1 (got {getattr(args, name)})"
+    for name in ("max_grad_norm", "snr_gamma"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            return f"--{name} must be positive (got {getattr(args, name)})"
+    if args.noise_offset < 0:
+        return f"--noise_offset must be 0 or more (got {args.noise_offset})"
+    if args.alpha_mask and args.mask_dir:
+        return "--alpha_mask and --mask_dir both give masks: choose one"
+    if args.caption_extension is not None and not args.caption_extension.strip("."):
+        return f"--caption_extension {args.caption_extension!r} is empty: give e.g. .txt"
+    problem = validate_buckets(args)
+    if problem:
+        return problem
     if args.validation_epochs is not None and args.validation_epochs < 1:
         return f"--validation_epochs must be at least 1 (got {args.validation_epochs})"
     for name in ["max_train_steps", "lr_warmup_steps", "dataloader_num_workers"]:
@@ -188,6 +216,26 @@ def validate_args(args: argparse.Namespace) -> str | None:
     return validate_paths(args)
 
 
+def validate_buckets(args: argparse.Namespace) -> str | None:
+    """Bucket flags that contradict each other (or --resolution, or --center_crop)."""
+    if not args.enable_bucket:
+        return None
+    low, high, step = args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps
+    if step < 8 or step % 8:
+        return f"--bucket_reso_steps must be a positive multiple of 8 (got {step})"
+    if low < step or low % step or high % step:
+        return (f"--min_bucket_reso {low} and --max_bucket_reso {high} must be multiples of --bucket_reso_steps "
+                f"{step}, and at least it")
+    if low > high:
+        return f"--min_bucket_reso {low} is larger than --max_bucket_reso {high}"
+    if not low <= args.resolution <= high:
+        return (f"--resolution {args.resolution} (the bucket area's side) must lie between --min_bucket_reso {low} "
+                f"and --max_bucket_reso {high}")
+    if args.center_crop:
+        return "--center_crop and --enable_bucket contradict each other: buckets keep each image's shape; drop one"
+    return None
+
+
 def validate_paths(args: argparse.Namespace) -> str | None:
     data_dir = Path(args.train_data_dir)
     if not data_dir.is_dir():
@@ -203,6 +251,8 @@ def validate_paths(args: argparse.Namespace) -> str | None:
             load_templates(args.templates)
         except UsageError as e:
             return str(e)
+    if args.mask_dir is not None and not Path(args.mask_dir).is_dir():
+        return f"--mask_dir {args.mask_dir} is not a folder: point it at the folder of masks"
     name = args.pretrained_model_name_or_path
     model = Path(name).expanduser()
     if model.exists() and not (model / "model_index.json").is_file():
@@ -346,8 +396,15 @@ def embeds_keys(placeholder_token: str, num_text_encoders: int) -> list[str]:
 
 
 # ---- Templates and data ----------------------------------------------------------------------------------------------
+CAPTION_SLOT = "{caption}"
+
+
 def load_templates(path: str | None, learnable_property: str = "object") -> list[str]:
-    """The built-in templates, or the user's file: one per line, `{}` marks the token, `#` lines are comments."""
+    """The built-in templates, or the user's file: one per line, `{}` marks the token, `#` lines are comments.
+
+    A line with `{caption}` takes an image's caption there (AUTOMATIC1111's `[filewords]`); its `{}` may then be in
+    the caption instead of the line, so it holds at most one.
+    """
     if path is None:
         return list(TEMPLATES[learnable_property])
     try:
@@ -359,10 +416,10 @@ def load_templates(path: str | None, learnable_property: str = "object") -> list
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        rest = line.replace("{}", "", 1)
-        if "{}" not in line or "{" in rest or "}" in rest:  # str.format must fill exactly this one slot
-            raise UsageError(f"--templates {path}: line {number} must hold exactly one {{}} (where the token goes) "
-                             f"and no other braces: {line!r}")
+        rest = line.replace(CAPTION_SLOT, "", 1).replace("{}", "", 1)
+        if ("{}" not in line and CAPTION_SLOT not in line) or "{" in rest or "}" in rest:
+            raise UsageError(f"--templates {path}: line {number} must hold exactly one {{}} (where the token goes), "
+                             f"or {CAPTION_SLOT} and at most one {{}}, and no other braces: {line!r}")
         templates.append(line)
     if not templates:
         raise UsageError(f"--templates {path} holds no templates; write one per line, e.g. 'a photo of a {{}}'")
@@ -378,6 +435,89 @@ def list_image_files(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return images, skipped
 
 
+def read_captions(image_paths: Sequence[Path], data_dir: str | Path, caption_extension: str | None,
+                  caption_column: str) -> list[tuple[str, str]] | None:
+    """`(caption, where it came from)` per image: the file beside it with --caption_extension, or its row of
+    --train_data_dir/metadata.jsonl; None without either. A missing or empty caption is refused, naming the file."""
+    if caption_extension:
+        extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
+        captions = []
+        for path in image_paths:
+            file = path.with_name(path.stem + extension)
+            try:
+                text = file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                raise UsageError(f"--caption_extension {caption_extension}: {path.name} has no readable caption; "
+                                 f"write one in {file}") from None
+            if not text:
+                raise UsageError(f"--caption_extension {caption_extension}: {file} is empty; describe the image there")
+            captions.append((text, str(file)))
+        return captions
+    metadata = Path(data_dir) / "metadata.jsonl"
+    return read_metadata_captions(metadata, image_paths, caption_column) if metadata.is_file() else None
+
+
+def read_metadata_captions(metadata: Path, image_paths: Sequence[Path], column: str) -> list[tuple[str, str]]:
+    """Captions from a Hugging Face imagefolder `metadata.jsonl`: one JSON object per line, `file_name` + column."""
+    rows = {}
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"{metadata} line {number}: needs a JSON object with a file_name "
+                             f"({e.__class__.__name__}: {e})") from None
+        if column not in row:
+            raise UsageError(f"--caption_column {column}: {metadata} line {number} has no such field "
+                             f"(it has {', '.join(row)})")
+        text = row[column]
+        if not (metadata.parent / name).is_file():
+            raise UsageError(f"{metadata} line {number} names {name}, which is not in --train_data_dir; "
+                             "fix the name or remove the line")
+        rows[Path(name).as_posix()] = (str(text).strip(), f"{metadata} line {number}")
+    missing = [path.name for path in image_paths if path.name not in rows]
+    if missing:
+        raise UsageError(f"{metadata} has no caption for {missing[0]}; add a line like "
+                         f'{{"file_name": "{missing[0]}", "{column}": "a photo of {{}} ..."}}')
+    return [rows[path.name] for path in image_paths]
+
+
+def caption_prompts(templates: Sequence[str], captions: Sequence[tuple[str, str]], placeholder_token: str,
+                    templates_given: bool) -> list[list[str]]:
+    """Each image's prompts, with the placeholder written once where the caption or template puts `{}`.
+
+    Without `{caption}` templates a caption is the whole prompt; with them, every template is used, and those with
+    `{caption}` take the caption's text there. Either way each prompt must name the concept.
+    """
+    with_slot = [t for t in templates if CAPTION_SLOT in t]
+    if templates_given and not with_slot:
+        raise UsageError(f"--templates has no {CAPTION_SLOT} line, so the captions would go unused: add "
+                         f"{CAPTION_SLOT} where an image's caption goes, or drop the captions")
+    prompts = []
+    for caption, where in captions:
+        text = caption.replace(placeholder_token, "{}")
+        rows = [t.replace(CAPTION_SLOT, text) for t in templates] if with_slot else [text]
+        for row in rows:
+            if "{}" not in row:
+                raise UsageError(f"{where}: the caption {caption!r} does not name the concept"
+                                 f"{' (nor does the template ' + repr(row) + ')' if with_slot else ''}: write {{}} "
+                                 f"or {placeholder_token} where it goes, e.g. 'a photo of {{}} on a beach'")
+        prompts.append([row.replace("{}", placeholder_token) for row in rows])
+    return prompts
+
+
+def check_prompt_lengths(tokenizer, prompts: Sequence[tuple[str, str]]) -> None:
+    """Every `(prompt, where it came from)`, with all N placeholder tokens written out, must fit the tokenizer's
+    window: a truncated prompt would silently lose its end, possibly the placeholder."""
+    for prompt, where in prompts:
+        length = len(tokenizer(prompt).input_ids)
+        if length > tokenizer.model_max_length:
+            raise UsageError(f"{where}: {prompt!r} is {length} tokens with the placeholder's vectors, over the "
+                             f"tokenizer's {tokenizer.model_max_length}; shorten it (or use fewer --num_vectors)")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: transparency onto white, 16-bit and float scaled rather than clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -391,24 +531,124 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def bucket_sizes(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
+    """kohya's aspect-ratio buckets, as (height, width): multiples of `step` between `min_reso` and `max_reso`, at
+    most `resolution`^2 pixels, for each width the tallest that fits; and the square."""
+    area = resolution * resolution
+    sizes = {(resolution // step * step, resolution // step * step)}
+    for width in range(min_reso, max_reso + 1, step):
+        height = min(max_reso, area // width // step * step)
+        if height >= min_reso:
+            sizes.update({(height, width), (width, height)})
+    return sorted(sizes)
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket closest to the image's aspect ratio (in log space: 2:1 and 1:2 are as far from 1:1), the larger
+    on a tie."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - ratio), -hw[0] * hw[1]))
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How an upright image becomes a training image: the box cut from it, and the size it is resized to."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the upright image
+    size: tuple[int, int]  # (height, width) of the training image
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """Where the cut began, measured in the resized image (SDXL's crop condition)."""
+        scale = self.size[0] / (self.box[3] - self.box[1])
+        return round(self.box[1] * scale), round(self.box[0] * scale)
+
+
+def framing(width: int, height: int, resolution: int, center_crop: bool,
+            buckets: Sequence[tuple[int, int]] | None = None) -> Framing:
+    """Squashed to the square (diffusers' default), centre-cropped to a square (--center_crop), or, with buckets,
+    scaled to cover the nearest bucket and centre-cropped to it: never squashed, cropped as little as possible."""
+    if buckets:
+        out_h, out_w = nearest_bucket(height, width, buckets)
+        scale = max(out_w / width, out_h / height)
+        crop_w, crop_h = min(width, round(out_w / scale)), min(height, round(out_h / scale))
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
+        return Framing((left, top, left + crop_w, top + crop_h), (out_h, out_w))
+    if center_crop:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return Framing((left, top, left + side, top + side), (resolution, resolution))
+    return Framing((0, 0, width, height), (resolution, resolution))
+
+
+def frame(image: Image.Image, how: Framing, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    return image.crop(how.box).resize(how.size[::-1], resample=resample)
+
+
 def prepare_image(image: Image.Image, resolution: int, center_crop: bool) -> torch.Tensor:
     """EXIF-upright, RGB, optionally center-cropped square, resized: uint8 `[3, resolution, resolution]`."""
     image = to_rgb(ImageOps.exif_transpose(image))
-    if center_crop:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return to_tensor(frame(image, framing(image.width, image.height, resolution, center_crop)))
 
 
-def load_training_images(paths: Sequence[Path], resolution: int,
-                         center_crop: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Open and check every image before training starts: uint8 `[N, 3, H, W]` and each upright image's original
-    (height, width). A bad file is named."""
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 `[channels, H, W]`."""
+    array = np.array(image, dtype=np.uint8)
+    return torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1).contiguous()
+
+
+def read_mask(image_path: Path, upright: Image.Image, alpha_mask: bool, mask_dir: str | None) -> Image.Image | None:
+    """An image's loss weight as an 8-bit "L" image of its upright size: its alpha channel (--alpha_mask, full
+    weight where it has none) or the same-stem file of --mask_dir, itself upright by its own EXIF. None without
+    masks. A missing, unreadable, wrongly sized or all-zero mask is refused, naming the file."""
+    if alpha_mask:
+        has_alpha = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
+        mask, flag = (upright.convert("RGBA").getchannel("A") if has_alpha else
+                      Image.new("L", upright.size, 255)), "--alpha_mask"
+        where = image_path
+    elif mask_dir:
+        candidates = [p for p in sorted(Path(mask_dir).glob(f"{image_path.stem}.*")) if
+                      p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not candidates:
+            raise UsageError(f"--mask_dir {mask_dir} has no mask for {image_path.name}: add {image_path.stem}.png "
+                             "(white where the loss counts, black where it does not)")
+        where, flag = candidates[0], "--mask_dir"
+        try:
+            with Image.open(where) as file:
+                mask = ImageOps.exif_transpose(file).convert("L")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UsageError(f"--mask_dir: cannot read mask {where} ({e}); fix or remove it") from None
+        if mask.size != upright.size:
+            raise UsageError(f"--mask_dir: mask {where} is {mask.width}x{mask.height} but its image {image_path.name} "
+                             f"is {upright.width}x{upright.height} (upright); give the mask the image's size")
+    else:
+        return None
+    if mask.getextrema()[1] == 0:
+        raise UsageError(f"{flag}: the mask of {image_path.name} ({where}) is all zero, so the image would teach "
+                         "nothing; paint the concept white, or leave the image out")
+    return mask
+
+
+@dataclass
+class TrainingImages:
+    """The decoded training images, each framed as it is trained on, with what goes with it."""
+
+    pixels: list[torch.Tensor]  # uint8 [3, H, W]; (H, W) is --resolution square, or the image's bucket
+    masks: list[torch.Tensor] | None  # uint8 [1, H, W] loss weights, framed like `pixels`; None without masks
+    original_sizes: list[tuple[int, int]]  # upright (height, width) before framing
+    crops_top_left: list[tuple[int, int]]  # in the framed image's scale (SDXL's condition)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bool,
+                         buckets: Sequence[tuple[int, int]] | None = None, alpha_mask: bool = False,
+                         mask_dir: str | None = None) -> TrainingImages:
+    """Open and check every image (and mask) before training starts; a bad file is named."""
     if not paths:
         raise UsageError("--train_data_dir has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif): add 3-5")
-    tensors, sizes = [], []
+    result = TrainingImages([], [] if alpha_mask or mask_dir else None, [], [])
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -416,28 +656,45 @@ def load_training_images(paths: Sequence[Path], resolution: int,
                 if min(image.size) < resolution:
                     logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution "
                                    f"{resolution}: it will be upscaled and look soft")
-                tensors.append(prepare_image(image, resolution, center_crop))
-                transposed = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
-                sizes.append((image.width, image.height) if transposed else (image.height, image.width))
+                upright = ImageOps.exif_transpose(image)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UsageError(f"--train_data_dir: cannot read image {path} ({e}); fix or remove it") from None
-    return torch.stack(tensors), sizes
+        how = framing(upright.width, upright.height, resolution, center_crop, buckets)
+        result.pixels.append(to_tensor(frame(to_rgb(upright), how)))
+        mask = read_mask(path, upright, alpha_mask, mask_dir)
+        if mask is not None:
+            result.masks.append(to_tensor(frame(mask, how, Image.Resampling.BOX)))
+        result.original_sizes.append((upright.height, upright.width))
+        result.crops_top_left.append(how.crop_top_left)
+    return result
 
 
-def sdxl_time_ids(original_sizes: Sequence[tuple[int, int]], resolution: int, center_crop: bool) -> torch.Tensor:
+def sdxl_time_ids(images: TrainingImages) -> torch.Tensor:
     """SDXL's size conditioning per image, float32 `[N, 6]`: original (h, w), crop top-left (y, x), target (h, w).
 
-    As SDXL's training data was described to it: the crop offset is where --center_crop cut the image, measured in
-    the resized image, so a centred square crop of a landscape photo reads (0, x > 0). Flips leave it unchanged.
+    As SDXL's training data was described to it: the crop offset is where --center_crop (or the bucket) cut the
+    image, measured in the resized image, so a centred square crop of a landscape photo reads (0, x > 0). Flips
+    leave it unchanged.
     """
-    rows = []
-    for height, width in original_sizes:
-        top = left = 0.0
-        if center_crop:
-            side = min(height, width)
-            top, left = (height - side) // 2 * resolution / side, (width - side) // 2 * resolution / side
-        rows.append([height, width, round(top), round(left), resolution, resolution])
+    rows = [[*size, *crop, *pixels.shape[1:]]
+            for size, crop, pixels in zip(images.original_sizes, images.crops_top_left, images.pixels)]
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def bucket_ids(images: TrainingImages) -> tuple[int, ...] | None:
+    """Each image's bucket as a small integer, or None when every image has the same size (no buckets needed)."""
+    sizes = [tuple(p.shape[1:]) for p in images.pixels]
+    distinct = sorted(set(sizes))
+    return tuple(distinct.index(size) for size in sizes) if len(distinct) > 1 else None
+
+
+def latent_loss_weights(masks: Sequence[torch.Tensor], factor: int) -> list[torch.Tensor]:
+    """Each mask averaged over the VAE's `factor` x `factor` cells, for both flips: float32 `[2, 1, h, w]`."""
+    weights = []
+    for mask in masks:
+        cells = F.avg_pool2d(mask.float()[None] / 255.0, factor)[0]
+        weights.append(torch.stack([cells, cells.flip(-1)]))
+    return weights
 
 
 def derived_seed(*parts: object) -> int:
@@ -454,11 +711,13 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     rather than carrying pixels: the step looks the latents up in the cache (see ImageLatents).
     """
 
-    def __init__(self, num_images: int, template_input_ids: torch.Tensor, repeats: int, seed: int):
+    def __init__(self, num_images: int, template_input_ids: torch.Tensor, repeats: int, seed: int,
+                 per_image: bool = False):
         self.num_images = num_images
-        self.template_input_ids = template_input_ids
+        self.template_input_ids = template_input_ids  # [templates, ...], or [images, templates, ...] if per_image
         self.repeats = repeats
         self.seed = seed
+        self.per_image = per_image
 
     def __len__(self) -> int:
         return self.num_images * self.repeats
@@ -466,14 +725,15 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int | bool]:
         epoch, index = key
         rng = random.Random(derived_seed(self.seed, "item", epoch, index))
-        template = rng.randrange(len(self.template_input_ids))
-        return {"image_index": index % self.num_images, "flip": rng.random() < 0.5,
-                "input_ids": self.template_input_ids[template]}
+        prompts = self.template_input_ids[index % self.num_images] if self.per_image else self.template_input_ids
+        template = rng.randrange(len(prompts))
+        return {"image_index": index % self.num_images, "flip": rng.random() < 0.5, "input_ids": prompts[template]}
 
 
-def pixel_values(images: torch.Tensor, image_index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """The VAE's input: uint8 images picked by index, in [-1, 1], mirrored left-right where `flip` is set."""
-    pixels = images[image_index].float() / 127.5 - 1.0
+def pixel_values(images: Sequence[torch.Tensor], image_index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The VAE's input: uint8 images picked by index (all of one size), in [-1, 1], mirrored left-right where
+    `flip` is set."""
+    pixels = torch.stack([images[i] for i in image_index.tolist()]).float() / 127.5 - 1.0
     return torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
 
 
@@ -493,33 +753,39 @@ class ImageLatents:
     `latent_dist.sample(generator)` would, so the cache changes the cost, not the distribution the UNet sees.
     """
 
-    images: torch.Tensor  # uint8 [N, 3, H, W] on the CPU
+    images: Sequence[torch.Tensor]  # uint8 [3, H, W] each, on the CPU; a batch's images share one size
     vae: torch.nn.Module
-    mean: torch.Tensor | None = None  # float32 [N, 2 (flip), C, h, w] on the device, when cached
-    std: torch.Tensor | None = None
+    mean: list[torch.Tensor] | None = None  # float32 [2 (flip), C, h, w] per image, on the device, when cached
+    std: list[torch.Tensor] | None = None
 
     def cache(self) -> None:
         both = torch.tensor([False, True])
         pairs = [encode_posterior(self.vae, pixel_values(self.images, torch.tensor([i, i]), both))
                  for i in range(len(self.images))]  # one image at a time: bounded memory at any resolution
-        self.mean, self.std = (torch.stack(tensors) for tensors in zip(*pairs))
+        self.mean, self.std = (list(tensors) for tensors in zip(*pairs))
 
     def sample(self, image_index: torch.Tensor, flip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled float32 latents for a batch, one posterior draw each."""
         if self.mean is None:
             mean, std = encode_posterior(self.vae, pixel_values(self.images, image_index, flip))
         else:
-            index, flip = image_index.to(self.mean.device), flip.to(self.mean.device, torch.long)
-            mean, std = self.mean[index, flip], self.std[index, flip]
+            keys = list(zip(image_index.tolist(), flip.long().tolist()))
+            mean, std = (torch.stack([cached[i][f] for i, f in keys]) for cached in (self.mean, self.std))
         sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return sample * self.vae.config.scaling_factor
 
 
-def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
-    """Every template with the placeholder filled in, tokenized once: `[num_templates, model_max_length]`."""
-    texts = [expand_placeholder(t.format(placeholder_token), placeholder_token, num_vectors) for t in templates]
+def tokenize_prompts(tokenizer, prompts: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
+    """Prompts with the placeholder written once, expanded to its N tokens and tokenized: `[len, model_max_length]`."""
+    texts = [expand_placeholder(p, placeholder_token, num_vectors) for p in prompts]
     return tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids
+
+
+def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
+    """Every template with the placeholder filled in, tokenized once: `[num_templates, model_max_length]`."""
+    return tokenize_prompts(tokenizer, [t.format(placeholder_token) for t in templates], placeholder_token,
+                            num_vectors)
 
 
 @dataclass(frozen=True)
@@ -532,11 +798,22 @@ class BatchPlan:
     num_processes: int
     process_index: int
     seed: int
+    image_buckets: tuple[int, ...] | None = None  # --enable_bucket: each image's bucket (sample i is image i % len)
+
+    def _groups(self, order: list[int]) -> list[list[int]]:
+        """The samples that may share a batch: all of them, or those of one bucket each (in `order`'s order)."""
+        if self.image_buckets is None:
+            return [order]
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            groups.setdefault(self.image_buckets[i % len(self.image_buckets)], []).append(i)
+        return [groups[bucket] for bucket in sorted(groups)]
 
     @property
     def batches_per_epoch(self) -> int:
-        padded = -(-self.num_samples // self.num_processes) * self.num_processes
-        return -(-padded // (self.batch_size * self.num_processes))
+        global_size = self.batch_size * self.num_processes
+        sizes = [len(group) for group in self._groups(list(range(self.num_samples)))]
+        return sum(-(-(-(-size // self.num_processes) * self.num_processes) // global_size) for size in sizes)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -546,16 +823,21 @@ class BatchPlan:
         """This process's micro-batches of one epoch, as dataset keys.
 
         A seeded permutation is padded (by wrapping around) to a multiple of the process count, so every process gets
-        the same number of batches and the last, possibly short, global batch splits evenly.
+        the same number of batches and the last, possibly short, global batch splits evenly. With buckets this is done
+        per bucket, so that a batch holds one image size, and the batches are then shuffled.
         """
         order = list(range(self.num_samples))
         random.Random(derived_seed(self.seed, "shuffle", epoch)).shuffle(order)
-        padded = -(-self.num_samples // self.num_processes) * self.num_processes
-        order = (order * -(-padded // self.num_samples))[:padded]  # wraps as often as needed (1 image, 8 GPUs)
         global_size = self.batch_size * self.num_processes
+        chunks = []
+        for group in self._groups(order):
+            padded = -(-len(group) // self.num_processes) * self.num_processes
+            group = (group * -(-padded // len(group)))[:padded]  # wraps as often as needed (1 image, 8 GPUs)
+            chunks += [group[start : start + global_size] for start in range(0, padded, global_size)]
+        if self.image_buckets is not None:
+            random.Random(derived_seed(self.seed, "bucket batches", epoch)).shuffle(chunks)
         batches = []
-        for start in range(0, padded, global_size):
-            chunk = order[start : start + global_size]
+        for chunk in chunks:
             share = len(chunk) // self.num_processes
             mine = chunk[self.process_index * share : (self.process_index + 1) * share]
             batches.append([(epoch, i) for i in mine])
@@ -820,14 +1102,44 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
                      "supported; textual inversion here trains epsilon or v_prediction models")
 
 
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR loss weights (Hang et al., 2023) as diffusers' training scripts compute them: min(SNR, gamma) / SNR
+    for epsilon, / (SNR + 1) for v-prediction. SNR is clamped above 0 so that a zero-terminal-SNR schedule's last
+    step gets the formula's limit (1) instead of 0/0."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float().clamp(min=1e-20)
+    weights = torch.clamp(snr, max=snr_gamma)
+    return weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask_weights: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The MSE. A mask weights each latent cell and each sample's loss is divided by its mask's total, so the loss
+    scale does not depend on how much of the image the concept covers; `sample_weights` (Min-SNR) scale each
+    sample's loss. Without either, plain `F.mse_loss`."""
+    if mask_weights is None and sample_weights is None:
+        return F.mse_loss(prediction, target, reduction="mean")
+    squared = (prediction - target) ** 2
+    if mask_weights is None:
+        per_sample = squared.mean(dim=(1, 2, 3))
+    else:
+        weights = mask_weights.expand_as(squared)
+        per_sample = (squared * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+    return (per_sample if sample_weights is None else per_sample * sample_weights).mean()
+
+
 def training_loss(batch: dict, models: Models, generator: torch.Generator) -> torch.Tensor:
     """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target."""
-    device, scheduler = generator.device, models.noise_scheduler
+    device, scheduler, options = generator.device, models.noise_scheduler, models.loss
     latents = models.latents.sample(batch["image_index"], batch["flip"], generator)
     # Noise, noising and target in float32 whatever the compute dtype; only the UNet's input is cast down.
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=device)
+    if options.noise_offset:  # diffusers' --noise_offset: a per-channel shift, so the model can learn mean brightness
+        noise = noise + options.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                           device=device, dtype=latents.dtype)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps).to(models.weight_dtype)
     encoder_hidden_states, pooled = models.prompt_encoder(batch["input_ids"].to(device))
     added_conditions = None
@@ -837,7 +1149,12 @@ def training_loss(batch: dict, models: Models, generator: torch.Generator) -> to
     model_pred = models.unet(noisy_latents, timesteps, encoder_hidden_states.to(models.weight_dtype),
                              added_cond_kwargs=added_conditions).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    mask_weights = None
+    if options.mask_weights is not None:
+        keys = zip(batch["image_index"].tolist(), batch["flip"].long().tolist())
+        mask_weights = torch.stack([options.mask_weights[i][f] for i, f in keys])
+    sample_weights = min_snr_weights(scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
+    return diffusion_loss(model_pred.float(), target.float(), mask_weights, sample_weights)
 
 
 # ---- main, step by step ----------------------------------------------------------------------------------------------
@@ -957,7 +1274,7 @@ def enable_activation_checkpointing(text_encoder) -> None:
     enable()
 
 
-def check_vae_factor(args: argparse.Namespace) -> None:
+def check_vae_factor(args: argparse.Namespace) -> int:
     """--resolution must divide by the VAE's downsampling factor; read from its config, before any weights load."""
     from diffusers import AutoencoderKL
 
@@ -969,6 +1286,9 @@ def check_vae_factor(args: argparse.Namespace) -> None:
     if args.resolution % factor:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}; "
                          f"use e.g. {max(args.resolution // factor, 1) * factor}")
+    if args.enable_bucket and args.bucket_reso_steps % factor:
+        raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of the VAE's factor {factor}")
+    return factor
 
 
 def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], learning_rate: float,
@@ -1093,6 +1413,15 @@ def save_full_pipeline(args, accelerator, models: Models) -> None:
             encoder.config.vocab_size = embedding.frozen.num_embeddings
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """What shapes the loss beyond the MSE (see training_loss)."""
+
+    mask_weights: list[torch.Tensor] | None = None  # per image [2 (flip), 1, h, w] on the device (--alpha_mask, --mask_dir)
+    snr_gamma: float | None = None  # --snr_gamma
+    noise_offset: float = 0.0  # --noise_offset
+
+
 @dataclass
 class Models:
     """The frozen pipeline parts and the trainable vectors, as prepared for this process."""
@@ -1107,6 +1436,7 @@ class Models:
     weight_dtype: torch.dtype
     latents: ImageLatents
     time_ids: torch.Tensor | None  # SDXL: [num_images, 6] original size, crop top-left, target size
+    loss: LossOptions
 
     def embeds(self, placeholder_token: str) -> dict[str, torch.Tensor]:
         """The vectors as they are saved: `{token: T}`, or SDXL's `{"clip_l": T, "clip_g": T}`."""
@@ -1215,6 +1545,8 @@ def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dic
             loss_sum, signal_sum = accelerator.reduce(flags, "sum").tolist()
             if not math.isfinite(loss_sum):
                 raise diverged(run, step, loss_sum)
+            if run.args.max_grad_norm:
+                accelerator.clip_grad_norm_([e.vectors for e in models.embeddings], run.args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1312,9 +1644,10 @@ def main(args: argparse.Namespace) -> TrainResult:
     models = load_frozen_models(args, accelerator, inputs)
 
     # 4. Data plan, learning rate, optimizer; only the text encoder(s) (holding the vectors) go under DDP.
-    dataset = TextualInversionDataset(len(inputs.images), inputs.template_input_ids, args.repeats, seed)
+    dataset = TextualInversionDataset(len(inputs.images), inputs.template_input_ids, args.repeats, seed,
+                                      inputs.per_image_prompts)
     plan = BatchPlan(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
-                     accelerator.num_processes, accelerator.process_index, seed)
+                     accelerator.num_processes, accelerator.process_index, seed, bucket_ids(inputs.images))
     max_train_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
     learning_rate = args.learning_rate
     if args.scale_lr:
@@ -1365,9 +1698,9 @@ class Inputs:
     tokenizers: list
     placeholder_token_ids: list[list[int]]  # per tokenizer
     initializer_ids: list[list[int]]  # per tokenizer
-    template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, model_max_length]
-    images: torch.Tensor  # uint8 [N, 3, resolution, resolution]
-    original_sizes: list[tuple[int, int]]  # (height, width) of each image before cropping and resizing
+    template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, 77], or [num_images, ...] with captions
+    per_image_prompts: bool  # captions: each image has its own prompts
+    images: TrainingImages  # decoded and framed (square or bucket), with masks and sizes
 
 
 def prepare_inputs(args: argparse.Namespace) -> Inputs:
@@ -1376,19 +1709,51 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     tokenizers = load_tokenizers(args, family)
     placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors) for t in tokenizers]
     initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
-    templates = load_templates(args.templates, args.learnable_property)
-    template_input_ids = torch.stack([tokenize_templates(t, templates, args.placeholder_token, args.num_vectors)
-                                      for t in tokenizers], dim=1)
     if args.validation_prompt and args.placeholder_token not in args.validation_prompt:
         logger.warning(f"--validation_prompt {args.validation_prompt!r} does not contain {args.placeholder_token}: "
                        "its images will show nothing learned; write the placeholder where the concept goes")
     image_paths, skipped = list_image_files(args.train_data_dir)
+    side_files = {"metadata.jsonl", Path(args.mask_dir or "").name}  # expected beside the images, not skipped
+    skipped = [p for p in skipped if p.name not in side_files and p.suffix != (args.caption_extension or "")]
     if skipped:
         logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
-    images, original_sizes = load_training_images(image_paths, args.resolution, args.center_crop)
+    template_input_ids, per_image = tokenized_prompts(args, tokenizers, image_paths)
+    buckets = None
+    if args.enable_bucket:
+        buckets = bucket_sizes(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
+    images = load_training_images(image_paths, args.resolution, args.center_crop, buckets, args.alpha_mask,
+                                  args.mask_dir)
+    if buckets:
+        sizes = sorted({tuple(p.shape[1:]) for p in images.pixels})
+        logger.info(f"Buckets (height x width) in use: {', '.join(f'{h}x{w}' for h, w in sizes)}")
     check_vae_factor(args)
-    return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, images,
-                  original_sizes)
+    return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, per_image, images)
+
+
+def tokenized_prompts(args: argparse.Namespace, tokenizers: list, image_paths: Sequence[Path]) -> tuple[torch.Tensor,
+                                                                                                       bool]:
+    """The training prompts, checked and tokenized by each tokenizer: the templates, or each image's captions (with
+    the templates that take them). Returns the ids and whether they are per image."""
+    templates = load_templates(args.templates, args.learnable_property)
+    captions = read_captions(image_paths, args.train_data_dir, args.caption_extension, args.caption_column)
+    if captions is None:
+        if any(CAPTION_SLOT in t for t in templates):
+            raise UsageError(f"--templates uses {CAPTION_SLOT} but the images have no captions: give "
+                             "--caption_extension, or a metadata.jsonl in --train_data_dir")
+        per_image = [[t.format(args.placeholder_token) for t in templates]]
+        sources = [[f"--templates line {t!r}" for t in templates]]
+    else:
+        logger.info(f"Captions from {Path(captions[0][1]).name if args.caption_extension else 'metadata.jsonl'}"
+                    f"{' inside the templates' if any(CAPTION_SLOT in t for t in templates) else ' as the prompts'}")
+        per_image = caption_prompts(templates, captions, args.placeholder_token, args.templates is not None)
+        sources = [[where] * len(prompts) for prompts, (_, where) in zip(per_image, captions)]
+    expanded = [(expand_placeholder(p, args.placeholder_token, args.num_vectors), w)
+                for prompts, wheres in zip(per_image, sources) for p, w in zip(prompts, wheres)]
+    for tokenizer in tokenizers:
+        check_prompt_lengths(tokenizer, expanded)
+    ids = torch.stack([torch.stack([tokenize_prompts(t, prompts, args.placeholder_token, args.num_vectors)
+                                    for t in tokenizers], dim=1) for prompts in per_image])
+    return (ids, True) if captions is not None else (ids[0], False)
 
 
 def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
@@ -1405,16 +1770,19 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
         pool_at_end_of_text(encoder, tokenizer)
         # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
         embeddings.append(install_placeholder_embedding(encoder, ids, start.to(accelerator.device)))
-    latents = ImageLatents(inputs.images, vae)
+    latents = ImageLatents(inputs.images.pixels, vae)
     if not args.no_cache_latents:
         # The same 3-5 images would otherwise go through the VAE encoder at every step (~15% of an SD step).
         latents.cache()
         logger.info(f"Cached the VAE posterior of {len(inputs.images)} image(s) x 2 flips")
-    time_ids = None
-    if inputs.family == "sdxl":
-        time_ids = sdxl_time_ids(inputs.original_sizes, args.resolution, args.center_crop).to(accelerator.device)
+    time_ids = sdxl_time_ids(inputs.images).to(accelerator.device) if inputs.family == "sdxl" else None
+    mask_weights = None
+    if inputs.images.masks is not None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        mask_weights = [w.to(accelerator.device) for w in latent_loss_weights(inputs.images.masks, factor)]
+    loss = LossOptions(mask_weights, args.snr_gamma, args.noise_offset)
     return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders), vae, unet, noise_scheduler,
-                  embeddings, weight_dtype, latents, time_ids)
+                  embeddings, weight_dtype, latents, time_ids, loss)
 
 
 def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, resumed: tuple,

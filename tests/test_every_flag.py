@@ -28,8 +28,35 @@ import train_textual_inversion as tti
 STEPS = 2  # two steps: the second one sees what the first one's optimizer step and saves did
 
 
-def values(ctx: dict) -> dict[str, list[str]]:
-    """A sensible value (and any companion flags it needs to matter in a 2-step run) per flag."""
+def captions(ctx: dict) -> list[str]:
+    for image in ctx["data"].iterdir():
+        image.with_suffix(".txt").write_text("a photo of a {} on a table")
+    return [".txt"]
+
+
+def metadata(ctx: dict) -> list[str]:
+    rows = [f'{{"file_name": "{p.name}", "caption": "a photo of a {{}}"}}' for p in sorted(ctx["data"].iterdir())]
+    (ctx["data"] / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return ["caption"]
+
+
+def masks(ctx: dict) -> list[str]:
+    from PIL import Image, ImageOps
+
+    folder = ctx["tmp"] / "masks"
+    folder.mkdir()
+    for image in ctx["data"].iterdir():
+        with Image.open(image) as opened:
+            Image.new("L", ImageOps.exif_transpose(opened).size, 255).save(folder / f"{image.stem}.png")
+    return [str(folder)]
+
+
+BUCKETS = ["--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8"]
+
+
+def values(ctx: dict) -> dict[str, object]:
+    """A sensible value (and any companion flags it needs to matter in a 2-step run) per flag; a callable makes the
+    files it needs first."""
     templates = ctx["tmp"] / "templates.txt"
     templates.write_text("a photo of {}\na drawing of a {}\n")
     return {
@@ -43,6 +70,13 @@ def values(ctx: dict) -> dict[str, list[str]]:
         "--num_vectors": ["3"],
         "--learnable_property": ["style"],
         "--templates": [str(templates)],
+        "--caption_extension": captions,
+        "--caption_column": metadata,
+        "--mask_dir": masks,
+        "--enable_bucket": BUCKETS[1:],
+        "--min_bucket_reso": BUCKETS[2:] + ["--enable_bucket"],
+        "--max_bucket_reso": BUCKETS[4:] + BUCKETS[:3],
+        "--bucket_reso_steps": BUCKETS[6:] + BUCKETS[:5],
         "--repeats": ["1"],
         "--resolution": ["64"],
         "--train_batch_size": ["1"],
@@ -58,6 +92,9 @@ def values(ctx: dict) -> dict[str, list[str]]:
         "--adam_beta2": ["0.99"],
         "--adam_weight_decay": ["0.1"],
         "--adam_epsilon": ["1e-6"],
+        "--max_grad_norm": ["1e-4"],
+        "--snr_gamma": ["5.0"],
+        "--noise_offset": ["0.05"],
         "--seed": ["7"],
         "--mixed_precision": ["bf16"],
         "--local_rank": ["0"],
@@ -150,9 +187,11 @@ def test_flag(action, shared_models, tiny_pipeline, concept_dir, tmp_path):
     flag = action.option_strings[0]
     ctx = {"pipe": tiny_pipeline, "data": concept_dir, "tmp": tmp_path}
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)):
-        extra = [flag]
+        given = values(ctx).get(flag, [])
+        extra = [flag, *given]
     else:
         given = values(ctx).get(flag)
+        given = given(ctx) if callable(given) else given
         extra = [flag, *given] if given else [flag, str(action.default)]
     out = tmp_path / "out"
     argv = train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", str(STEPS), *extra)

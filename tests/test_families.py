@@ -159,11 +159,20 @@ def test_sdxl_added_conditions_for_a_short_last_batch(tiny_sdxl_pipeline, concep
 
 def test_sdxl_time_ids_record_original_size_and_center_crop():
     sizes = [(400, 600), (600, 400), (300, 300)]  # (height, width)
-    assert tti.sdxl_time_ids(sizes, 512, center_crop=False).tolist() == [
-        [400, 600, 0, 0, 512, 512], [600, 400, 0, 0, 512, 512], [300, 300, 0, 0, 512, 512]]
+
+    def time_ids(center_crop, buckets=None):
+        frames = [tti.framing(w, h, 512, center_crop, buckets) for h, w in sizes]
+        pixels = [torch.zeros(3, *f.size, dtype=torch.uint8) for f in frames]
+        return tti.sdxl_time_ids(tti.TrainingImages(pixels, None, sizes, [f.crop_top_left for f in frames])).tolist()
+
+    assert time_ids(False) == [[400, 600, 0, 0, 512, 512], [600, 400, 0, 0, 512, 512], [300, 300, 0, 0, 512, 512]]
     # Centre-cropped: the offset in the resized image, as SDXL's training described its crops.
-    assert tti.sdxl_time_ids(sizes, 512, center_crop=True).tolist() == [
-        [400, 600, 0, 128, 512, 512], [600, 400, 128, 0, 512, 512], [300, 300, 0, 0, 512, 512]]
+    assert time_ids(True) == [[400, 600, 0, 128, 512, 512], [600, 400, 128, 0, 512, 512], [300, 300, 0, 0, 512, 512]]
+    # Buckets: the target is each image's bucket (3:2 -> 384 x 640, the nearest ratio at 512^2, so 20 of 400 rows
+    # are cut at the top, 21 at the bucket's scale); a square stays whole.
+    buckets = tti.bucket_sizes(512, 256, 1024, 64)
+    assert time_ids(False, buckets) == [[400, 600, 21, 0, 384, 640], [600, 400, 0, 21, 640, 384],
+                                        [300, 300, 0, 0, 512, 512]]
 
 
 def test_sdxl_pools_at_end_of_text_not_at_the_placeholder(tiny_sdxl_pipeline):

@@ -316,10 +316,12 @@ def test_load_training_images_stacks_uint8(tmp_path):
     for i, size in enumerate([(20, 10), (7, 9)]):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", size, (i * 100, 0, 0)).save(paths[-1])
-    images, sizes = tti.load_training_images(paths, 8, center_crop=False)
+    loaded = tti.load_training_images(paths, 8, center_crop=False)
+    images = torch.stack(loaded.pixels)
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 8, 8)
     assert images[1, 0, 0, 0] == 100
-    assert sizes == [(10, 20), (9, 7)]  # (height, width) as found, before resizing
+    assert loaded.original_sizes == [(10, 20), (9, 7)]  # (height, width) as found, before resizing
+    assert loaded.masks is None and loaded.crops_top_left == [(0, 0), (0, 0)]
 
 
 def test_load_training_images_names_a_truncated_file(tmp_path):
@@ -695,6 +697,6 @@ def test_images_smaller_than_the_resolution_are_named_in_a_warning(tmp_path, cap
     Image.new("RGB", (20, 30), "red").save(tmp_path / "small.png")
     Image.new("RGB", (64, 64), "blue").save(tmp_path / "big.png")
     with caplog.at_level("WARNING", logger="textual_inversion"):
-        images, _ = tti.load_training_images(sorted(tmp_path.iterdir()), 32, center_crop=False)
-    assert images.shape == (2, 3, 32, 32)
+        images = tti.load_training_images(sorted(tmp_path.iterdir()), 32, center_crop=False)
+    assert [tuple(p.shape) for p in images.pixels] == [(3, 32, 32)] * 2
     assert "small.png is 20x30" in caplog.text and "big.png" not in caplog.text
