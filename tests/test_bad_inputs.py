@@ -92,6 +92,41 @@ def pipeline_of_class(ctx: Ctx, class_name: str) -> str:
 
 OUTPUT_FILE_CONTENT = b"precious results, do not overwrite\n"
 
+
+def captioned(ctx: Ctx, text_of: Callable[[str], str | None], *extra: str) -> list[str]:
+    """Caption files for the concept's images (None: no file for that image)."""
+    for image in list(ctx.data.iterdir()):
+        text = text_of(image.stem)
+        if text is not None:
+            write(image.with_suffix(".txt"), text)
+    return base(ctx, "--caption_extension", ".txt", *extra)
+
+
+def metadata_naming(ctx: Ctx, extra_row: str) -> list[str]:
+    rows = [json.dumps({"file_name": p.name, "text": "a photo of {}"}) for p in sorted(ctx.data.iterdir())]
+    write(ctx.data / "metadata.jsonl", "\n".join(rows + [extra_row]) + "\n")
+    return base(ctx)
+
+
+def with_masks(ctx: Ctx, make: Callable[[Path, tuple[int, int]], None]) -> list[str]:
+    """A mask per image, 255 everywhere, except what `make` writes for the first image (by path and size)."""
+    from PIL import Image, ImageOps
+
+    masks = ctx.ws / "masks"
+    masks.mkdir()
+    for i, image in enumerate(sorted(ctx.data.iterdir())):
+        with Image.open(image) as opened:
+            size = ImageOps.exif_transpose(opened).size
+        path = masks / f"{image.stem}.png"
+        make(path, size) if i == 0 else Image.new("L", size, 255).save(path)
+    return base(ctx, "--mask_dir", str(masks))
+
+
+def png(mode: str, size_of: Callable[[tuple[int, int]], tuple[int, int]], value: int):
+    from PIL import Image
+
+    return lambda path, size: Image.new(mode, size_of(size), value).save(path)
+
 CASES = [
     Case("missing-required-flag", lambda c: without(base(c), "--placeholder_token"), "--placeholder_token",
          fresh=True),
@@ -140,6 +175,34 @@ CASES = [
          ("--revision v9", "drop --revision"), late=True),
     Case("hub-model-out-of-reach", lambda c: base(c, "--pretrained_model_name_or_path", "no-such-user/no-such-model"),
          ("--pretrained_model_name_or_path no-such-user/no-such-model", "hub id"), late=True),
+    Case("caption-file-missing", lambda c: captioned(c, lambda stem: None if stem == "toy_1" else "a photo of {}"),
+         ("--caption_extension", "toy_1.png", "toy_1.txt"), late=True),
+    Case("caption-without-placeholder", lambda c: captioned(c, lambda stem: "a photo of a toy"),
+         ("toy_0.txt", "does not name the concept", "{}"), late=True),
+    Case("caption-too-long", lambda c: captioned(c, lambda stem: "a photo of {} " + "very " * 80),
+         ("toy_0.txt", "over the tokenizer's 77"), late=True),
+    Case("caption-templates-without-captions",
+         lambda c: base(c, "--templates", str(write(c.ws / "t.txt", "a photo of {}, {caption}\n"))),
+         ("--templates", "{caption}", "--caption_extension"), late=True),
+    Case("metadata-names-a-missing-file",
+         lambda c: metadata_naming(c, json.dumps({"file_name": "gone.png", "text": "{}"})),
+         ("metadata.jsonl line 5", "gone.png"), late=True),
+    Case("mask-dir-missing", lambda c: base(c, "--mask_dir", str(c.ws / "nope")), "--mask_dir"),
+    Case("mask-of-another-size", lambda c: with_masks(c, png("L", lambda size: (size[0] + 1, size[1]), 255)),
+         ("--mask_dir", "toy_0.png", "give the mask the image's size"), late=True),
+    Case("mask-unreadable", lambda c: with_masks(c, lambda path, size: write(path, b"not a png")),
+         ("--mask_dir", "cannot read mask", "toy_0.png"), late=True),
+    Case("mask-all-zero", lambda c: with_masks(c, png("L", lambda size: size, 0)),
+         ("--mask_dir", "toy_0.png", "all zero"), late=True),
+    Case("alpha-mask-and-mask-dir", lambda c: base(c, "--alpha_mask", "--mask_dir", str(c.data)),
+         ("--alpha_mask", "--mask_dir")),
+    Case("bucket-min-above-max", lambda c: base(c, "--enable_bucket", "--min_bucket_reso", "512",
+                                                "--max_bucket_reso", "256"), ("--min_bucket_reso", "--max_bucket_reso")),
+    Case("bucket-with-center-crop", lambda c: base(c, "--enable_bucket", "--center_crop", "--resolution", "256"),
+         ("--center_crop", "--enable_bucket")),
+    Case("bucket-resolution-below-min", lambda c: base(c, "--enable_bucket"), ("--resolution 32", "--min_bucket_reso")),
+    Case("bucket-steps-not-multiple-of-8", lambda c: base(c, "--enable_bucket", "--bucket_reso_steps", "12"),
+         "--bucket_reso_steps"),
     Case("xformers-not-installed", lambda c: base(c, "--enable_xformers_memory_efficient_attention"),
          ("--enable_xformers_memory_efficient_attention", "pip install xformers"),
          marks=[pytest.mark.skipif(tti._importable("xformers"), reason="xformers is installed here")]),

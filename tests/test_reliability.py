@@ -164,17 +164,78 @@ def test_a_failing_rank_takes_the_others_down(tiny_pipeline, concept_dir, tmp_pa
     assert not list(results.iterdir())
 
 
-def test_two_process_resume_is_bit_identical(tiny_pipeline, concept_dir, tmp_path):
+def concept_with_captions_masks_and_sizes(folder: Path) -> list[str]:
+    """The example concept given captions, masks (left half) and three shapes of image: flags that use them all."""
+    from PIL import Image, ImageOps
+
+    masks = folder.parent / "masks"
+    masks.mkdir()
+    for i, image in enumerate(sorted(folder.iterdir())):
+        with Image.open(image) as opened:
+            upright = ImageOps.exif_transpose(opened).convert("RGB")
+        upright = upright.crop((0, 0, upright.width, upright.height // (1 + i % 3)))  # 1:1, 2:1, 3:1
+        image.unlink()
+        upright.save(folder / f"{image.stem}.png")
+        mask = Image.new("L", upright.size, 0)
+        mask.paste(255, (0, 0, upright.width // 2, upright.height))
+        mask.save(masks / f"{image.stem}.png")
+        (folder / f"{image.stem}.txt").write_text(f"{{}} number {i}")
+    return ["--caption_extension", ".txt", "--mask_dir", str(masks), "--enable_bucket", "--resolution", "32",
+            "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8", "--snr_gamma", "5",
+            "--noise_offset", "0.1", "--max_grad_norm", "1.0"]
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "captions-masks-buckets-snr"])
+def test_two_process_resume_is_bit_identical(tiny_pipeline, concept_dir, tmp_path, features):
+    extra_flags = concept_with_captions_masks_and_sizes(concept_dir) if features else []
+
     def run(out: Path, results: Path, *extra: str) -> dict:
         results.mkdir()
         launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
                 *train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "5", "--checkpointing_steps", "2",
-                            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", *extra)],
+                            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", *extra_flags, *extra)],
                ACCELERATE_USE_CPU="1")
-        return torch.load(results / "rank0.pt", weights_only=False)
+        rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+        assert rank0["num_processes"] == 2 and torch.equal(rank0["vectors"], rank1["vectors"])
+        return rank0
 
     whole = run(tmp_path / "whole", tmp_path / "r1")
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
     resumed = run(tmp_path / "cut", tmp_path / "r2", "--resume_from_checkpoint", "latest")
     assert torch.equal(resumed["vectors"], whole["vectors"])
     assert len(resumed["history"]) == 3 and all(math.isfinite(h["loss"]) for h in resumed["history"])
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"][2:]]
+
+
+def test_resume_with_captions_masks_buckets_and_snr_is_bit_identical(run_training, concept_dir, tmp_path):
+    extra = concept_with_captions_masks_and_sizes(concept_dir)
+    args = ("--max_train_steps", "6", "--checkpointing_steps", "1", "--repeats", "3", *extra)
+    whole = run_training(*args, out=tmp_path / "whole")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", cut / "checkpoint-4")
+    resumed = run_training(*args, "--resume_from_checkpoint", "checkpoint-4", out=cut)
+    assert resumed.first_step == 4 and torch.equal(resumed.vectors, whole.vectors)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history[4:]]
+
+
+def test_ctrl_c_in_a_two_process_run_stops_both_at_one_step_with_one_checkpoint(tiny_pipeline, concept_dir, tmp_path):
+    """Ctrl-C reaches the launcher and both ranks (the terminal signals the whole process group)."""
+    import re
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "train_textual_inversion.py",
+         *train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "100000", "--save_steps", "3",
+                     "--checkpointing_steps", "100000")],
+        cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    wait_for(out / "learned_embeds-steps-3.safetensors", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    stops = re.findall(r"stopped by signal 2 after step (\d+)", stderr)
+    assert len(stops) == 2 and len(set(stops)) == 1, stderr[-3000:]  # both ranks, the same step
+    step = int(stops[0])
+    assert [path.name for path in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    state, embeds, _ = tti.load_checkpoint(out / f"checkpoint-{step}", {"placeholder_token": "<cat-toy>"})
+    assert state["step"] == step
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")["<cat-toy>"], embeds["<cat-toy>"])
