@@ -1713,8 +1713,9 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
         logger.warning(f"--validation_prompt {args.validation_prompt!r} does not contain {args.placeholder_token}: "
                        "its images will show nothing learned; write the placeholder where the concept goes")
     image_paths, skipped = list_image_files(args.train_data_dir)
-    side_files = {"metadata.jsonl", Path(args.mask_dir or "").name}  # expected beside the images, not skipped
-    skipped = [p for p in skipped if p.name not in side_files and p.suffix != (args.caption_extension or "")]
+    # Captions, metadata and a masks folder belong beside the images: only other entries are worth a warning.
+    side = {".txt", ".caption", ".jsonl", args.caption_extension or ".txt"}
+    skipped = [p for p in skipped if p.suffix not in side and p.name not in ("masks", Path(args.mask_dir or ".").name)]
     if skipped:
         logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
     template_input_ids, per_image = tokenized_prompts(args, tokenizers, image_paths)
