@@ -602,10 +602,9 @@ def read_mask(image_path: Path, upright: Image.Image, alpha_mask: bool, mask_dir
     weight where it has none) or the same-stem file of --mask_dir, itself upright by its own EXIF. None without
     masks. A missing, unreadable, wrongly sized or all-zero mask is refused, naming the file."""
     if alpha_mask:
+        flag, where = "--alpha_mask", image_path
         has_alpha = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
-        mask, flag = (upright.convert("RGBA").getchannel("A") if has_alpha else
-                      Image.new("L", upright.size, 255)), "--alpha_mask"
-        where = image_path
+        mask = upright.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", upright.size, 255)
     elif mask_dir:
         candidates = [p for p in sorted(Path(mask_dir).glob(f"{image_path.stem}.*")) if
                       p.suffix.lower() in IMAGE_EXTENSIONS]
