@@ -8,12 +8,15 @@ For a fixed, seeded set of starting noises, the pretrained toy-world pipeline dr
     "a photo of a small S*"                        concept kept (the training images are all large, on other
                                                    backgrounds), averaged over the two prompts
 
-with S* = the learned token, the initializer word, and a random vector (the norm of a world word). The same noises
-are used for every prompt. It writes a JSON summary and one picture: training images | initializer samples |
+with S* = the learned token, the initializer word, and a random vector (the norm of a world word); with --words,
+also the concept written in words ("purple striped triangle"), judged the same way. The same noises are used for
+every prompt. It writes a JSON summary and one picture: training images | initializer samples |
 S* samples | edited samples.
 
     python examples/toy_world/evaluate.py --learned_embeds out/toy/learned_embeds.safetensors \\
         --output_json out/toy/eval.json
+    python examples/toy_world/evaluate.py --learned_embeds out/red/ --output_json out/red/eval.json \\
+        --concept shape=square,colour=red,pattern=dotted --train_data_dir out/red_dotted_square --words
 """
 
 from __future__ import annotations
@@ -35,6 +38,34 @@ DEFAULT_PIPELINE = HERE / "pipeline"
 DEFAULT_CONCEPT_DIR = HERE.parent / "toy_concept"
 CONCEPT = world.HELD_OUT  # shape, colour, pattern of examples/toy_concept
 RANDOM_TOKEN = "<random-baseline>"
+CONCEPT_KEYS = ("shape", "colour", "pattern")
+SUBJECTS = ("learned", "initializer", "random", "words")
+
+
+def parse_concept(text: str) -> dict[str, str]:
+    """'shape=triangle,colour=purple,pattern=striped' -> {"shape": ..., "colour": ..., "pattern": ...} (world.HELD_OUT's
+    form), checked against the world's words; raises ValueError with the reason."""
+    concept = {}
+    for part in (p.strip() for p in text.split(",")):
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(f"{part!r} is not name=value (e.g. shape=triangle,colour=purple,pattern=striped)")
+        if key not in CONCEPT_KEYS:
+            raise ValueError(f"{key!r} is not one of {', '.join(CONCEPT_KEYS)}")
+        if key in concept:
+            raise ValueError(f"{key} is given twice")
+        if value not in world.ATTRIBUTES[key]:
+            raise ValueError(f"{key} {value!r} is not one of {', '.join(world.ATTRIBUTES[key])}")
+        concept[key] = value
+    missing = [k for k in CONCEPT_KEYS if k not in concept]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (give shape, colour and pattern)")
+    return {k: concept[k] for k in CONCEPT_KEYS}
+
+
+def format_concept(concept: dict[str, str]) -> str:
+    """parse_concept's inverse: 'shape=triangle,colour=purple,pattern=striped'."""
+    return ",".join(f"{k}={concept[k]}" for k in CONCEPT_KEYS)
 
 
 def edits(concept_background: str = "pink") -> list[dict]:
@@ -120,7 +151,7 @@ def labelled_rows(rows: list[tuple[str, list, list | None]], scale: int = 3, per
 
 
 def world_check(pipeline, judge, num_images: int = 64, seed: int = 0, guidance_scale: float = 5.0,
-                steps: int = 25) -> dict:
+                steps: int = 25, concept: dict[str, str] = CONCEPT) -> dict:
     """How well the pipeline draws what full captions ask for, read by the judge (the model's own quality).
 
     `world`: random world captions (never the held-out concept), per-attribute agreement and all-five agreement.
@@ -135,19 +166,36 @@ def world_check(pipeline, judge, num_images: int = 64, seed: int = 0, guidance_s
     judged = judge_lib.predict(judge, images)
     per_attribute = {k: float(np.mean([j[k] == a[k] for j, a in zip(judged, attrs)])) for k in world.NAMES}
     all_five = float(np.mean([j == a for j, a in zip(judged, attrs)]))
-    words = world.caption({**CONCEPT, "size": "large"}, keep={"background": False})
+    words = world.caption({**concept, "size": "large"}, keep={"background": False})
     held = judge_lib.predict(judge, draw(pipeline, words, num_images, seed, guidance_scale, steps))
     return {"world": {"per_attribute": per_attribute, "all_five": all_five, "num_images": num_images},
-            "held_out_by_words": {"prompt": words, "score": score(held, CONCEPT), "num_images": num_images},
+            "held_out_by_words": {"prompt": words, "score": score(held, concept), "num_images": num_images},
             "guidance_scale": guidance_scale}
 
 
 def evaluate(pipeline, judge, placeholder: str, initializer: str, concept: dict[str, str], training_images: list,
              num_images: int = 16, seed: int = 0, guidance_scale: float = 5.0, steps: int = 25,
-             edit_background: str = "pink", picture: str | Path | None = None, num_vectors: int = 1) -> dict:
-    """The JSON summary (and, with `picture`, the picture) for `placeholder`, already loaded into `pipeline`."""
-    subjects = {"learned": placeholder, "initializer": initializer,
-                "random": add_random_token(pipeline, num_vectors, seed)}
+             edit_background: str = "pink", picture: str | Path | None = None, num_vectors: int = 1,
+             words: str | None = None, subjects: tuple[str, ...] | list[str] | None = None) -> dict:
+    """The JSON summary (and, with `picture`, the picture) for `placeholder`, already loaded into `pipeline`.
+
+    `words` (e.g. world.concept_words(concept), "purple striped triangle") adds a fourth subject, "words": the concept
+    written out, in the same prompts, with the same noises and scoring (the picture stays as it is).
+
+    `subjects` (a subset of SUBJECTS, default all but "words", plus "words" when given) judges only those. Every
+    prompt draws from the same seeded noises whatever else is judged, so a subject's scores do not depend on the
+    others: e.g. the baselines, which do not depend on the learned word, need judging once per concept."""
+    requested = subjects
+    chosen = list(subjects) if subjects is not None else ["learned", "initializer", "random"] + (["words"] * bool(words))
+    unknown = [s for s in chosen if s not in SUBJECTS]
+    if unknown or ("words" in chosen and not words):
+        raise ValueError(f"subjects must be among {', '.join(SUBJECTS)} (\"words\" needs `words`); got {chosen}")
+    subjects = {"learned": placeholder, "initializer": initializer}
+    if "random" in chosen:
+        subjects["random"] = add_random_token(pipeline, num_vectors, seed)
+    if words:
+        subjects["words"] = words
+    subjects = {name: subjects[name] for name in SUBJECTS if name in chosen}
     prompts = [("reconstruction", RECONSTRUCTION_TEMPLATE, {})] + [(e["name"], e["template"], e["expect"])
                                                                    for e in edits(edit_background)]
     result = {"reconstruction": {}, "editability": {}}
@@ -173,11 +221,17 @@ def evaluate(pipeline, judge, placeholder: str, initializer: str, concept: dict[
     result["settings"] = {"num_images": num_images, "seed": seed, "guidance_scale": guidance_scale,
                           "num_inference_steps": steps, "sampler": "DPMSolverMultistepScheduler",
                           "placeholder": placeholder, "initializer": initializer, "num_vectors": num_vectors}
+    if words:
+        result["settings"]["words"] = words
+    if requested is not None:
+        result["settings"]["subjects"] = list(subjects)
     if picture is not None:
         rows = [(f"training images ({len(training_images)})", training_images, None)]
         for label, name, kind in [("initializer", "initializer", "reconstruction"),
                                   ("learned", "learned", "reconstruction")] + [
                                   ("edited", "learned", kind) for kind, _, expect in prompts if expect]:
+            if name not in subjects:  # only with `subjects`
+                continue
             prompt, images, passed = samples[name, kind]
             rows.append((f'{label}: "{prompt}"  judge: {sum(passed)}/{len(passed)}', images, passed))
         picture = Path(picture)
@@ -185,6 +239,22 @@ def evaluate(pipeline, judge, placeholder: str, initializer: str, concept: dict[
         labelled_rows(rows).save(picture)
         result["images"] = str(picture)
     return result
+
+
+def concept_arg(text: str) -> dict[str, str]:
+    """parse_concept for argparse: a bad --concept is a usage error naming the reason."""
+    try:
+        return parse_concept(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def subjects_arg(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SUBJECTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {', '.join(SUBJECTS)}, comma-separated")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained_model_name_or_path", default=str(DEFAULT_PIPELINE))
     parser.add_argument("--judge", default=str(judge_lib.DEFAULT_WEIGHTS))
     parser.add_argument("--train_data_dir", default=str(DEFAULT_CONCEPT_DIR), help="shown in the picture's first row")
-    parser.add_argument("--initializer_token", default=CONCEPT["shape"])
+    parser.add_argument("--concept", type=concept_arg, default=CONCEPT, metavar="shape=S,colour=C,pattern=P",
+                        help=f"what the judge must read (default: the held-out concept, {format_concept(CONCEPT)})")
+    parser.add_argument("--initializer_token", default=None, help="default: the concept's shape")
+    parser.add_argument("--words", action="store_true",
+                        help='also judge the concept written in words ("purple striped triangle"), as "words"')
+    parser.add_argument("--subjects", type=subjects_arg, default=None, metavar="S,S",
+                        help=f"judge only these, among {','.join(SUBJECTS)} (default: learned,initializer,random and "
+                        "words with --words)")
     parser.add_argument("--edit_background", default="pink", choices=world.ATTRIBUTES["background"])
     parser.add_argument("--num_images", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -211,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--learned_embeds is required (or --world_check N)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.initializer_token is None:
+        args.initializer_token = args.concept["shape"]
 
     from generate import load_learned_embeds, read_embeddings, resolve_embeds_path
     from train_textual_inversion import quiet_libraries
@@ -219,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = load_pipeline(args.pretrained_model_name_or_path)
     if args.world_check:
         result = world_check(pipeline, judge_lib.load_judge(args.judge), args.world_check, args.seed,
-                             args.guidance_scale, args.num_inference_steps)
+                             args.guidance_scale, args.num_inference_steps, args.concept)
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
@@ -229,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     num_vectors = vectors.reshape(-1, pipeline.text_encoder.config.hidden_size).shape[0]
     training = [Image.open(p).convert("RGB") for p in sorted(Path(args.train_data_dir).glob("*.png"))]
     picture = args.images or str(Path(args.output_json).with_suffix(".png"))
-    result = evaluate(pipeline, judge_lib.load_judge(args.judge), tokens[0], args.initializer_token, CONCEPT, training,
-                      args.num_images, args.seed, args.guidance_scale, args.num_inference_steps, args.edit_background,
-                      picture, num_vectors)
+    result = evaluate(pipeline, judge_lib.load_judge(args.judge), tokens[0], args.initializer_token, args.concept,
+                      training, args.num_images, args.seed, args.guidance_scale, args.num_inference_steps,
+                      args.edit_background, picture, num_vectors,
+                      words=world.concept_words(args.concept) if args.words or "words" in (args.subjects or ())
+                      else None, subjects=args.subjects)
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("reconstruction", "editability", "images")}, indent=2))

@@ -112,8 +112,9 @@ def _pattern_mask(pattern: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 _GRID = (np.arange(RESOLUTION * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sub-pixel centres, in pixel units
 
 
-def render(attrs: dict[str, str], rng: np.random.Generator) -> np.ndarray:
-    """One image, uint8 [RESOLUTION, RESOLUTION, 3]; `rng` draws the jitter (position, exact colours)."""
+def _render(attrs: dict[str, str], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(image, coverage): render()'s image and the object's anti-aliased coverage, float [RESOLUTION, RESOLUTION] in
+    [0, 1] (the share of the pixel's SUPERSAMPLE x SUPERSAMPLE sub-pixels inside the shape)."""
     r = 11.5 if attrs["size"] == "large" else 7.0
     room = RESOLUTION / 2 - 1.15 * r - 0.5  # how far the centre may move and keep the object inside
     cx, cy = RESOLUTION / 2 + rng.uniform(-room, room, size=2)
@@ -125,7 +126,21 @@ def render(attrs: dict[str, str], rng: np.random.Generator) -> np.ndarray:
     fine = np.where(inside[..., None], np.where(dark[..., None], colour * PATTERN_SHADE, colour), background)
     s = SUPERSAMPLE
     pixels = fine.reshape(RESOLUTION, s, RESOLUTION, s, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    coverage = inside.reshape(RESOLUTION, s, RESOLUTION, s).mean(axis=(1, 3))
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), coverage
+
+
+def render(attrs: dict[str, str], rng: np.random.Generator) -> np.ndarray:
+    """One image, uint8 [RESOLUTION, RESOLUTION, 3]; `rng` draws the jitter (position, exact colours)."""
+    return _render(attrs, rng)[0]
+
+
+def render_with_mask(attrs: dict[str, str], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask): the image render() draws from the same `rng` state (and leaving `rng` in the same state), and
+    the object's mask, uint8 [RESOLUTION, RESOLUTION]: the anti-aliased share of the pixel the object covers, 0-255
+    (same supersampling and box filter as the image; 0 = background only, 255 = object only)."""
+    image, coverage = _render(attrs, rng)
+    return image, np.clip(np.rint(coverage * 255), 0, 255).astype(np.uint8)
 
 
 def random_attributes(rng: np.random.Generator, allow_held_out: bool = False) -> dict[str, str]:
@@ -154,6 +169,57 @@ def concept_images(seed: int = CONCEPT_SEED) -> tuple[np.ndarray, list[dict[str,
 def labels(attrs: list[dict[str, str]]) -> np.ndarray:
     """Attribute values as class indices, int64 [n, len(NAMES)] in NAMES order."""
     return np.array([[ATTRIBUTES[k].index(a[k]) for k in NAMES] for a in attrs], dtype=np.int64).reshape(-1, len(NAMES))
+
+
+def concept_name(concept: dict[str, str]) -> str:
+    """'purple_striped_triangle': a concept's colour, pattern and shape, as a folder name."""
+    return f"{concept['colour']}_{concept['pattern']}_{concept['shape']}"
+
+
+def concept_words(concept: dict[str, str]) -> str:
+    """'purple striped triangle': the concept in words, in the order the captions use (colour, pattern, shape)."""
+    return f"{concept['colour']} {concept['pattern']} {concept['shape']}"
+
+
+CONCEPT_CAPTION = "large {{}} on a {background} background"  # {} is where the learned word goes
+
+
+def concept_examples(concept: dict[str, str] = HELD_OUT, seed: int = CONCEPT_SEED,
+                     backgrounds: tuple[str, ...] = CONCEPT_BACKGROUNDS) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(images uint8 [n, 32, 32, 3], masks uint8 [n, 32, 32], attrs): `concept` (shape, colour, pattern), large, once
+    per background, drawn as concept_images() draws the held-out concept (for HELD_OUT and the defaults, the same
+    images)."""
+    for name in ("shape", "colour", "pattern"):
+        if concept.get(name) not in ATTRIBUTES[name]:
+            raise ValueError(f"concept {name} must be one of {', '.join(ATTRIBUTES[name])} (got {concept.get(name)!r})")
+    rng = np.random.default_rng(seed)
+    attrs = [{**{k: concept[k] for k in ("shape", "colour", "pattern")}, "size": "large", "background": b}
+             for b in backgrounds]
+    pairs = [render_with_mask(a, rng) for a in attrs]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), attrs
+
+
+def write_concept(out: str | Path, concept: dict[str, str] = HELD_OUT, seed: int = CONCEPT_SEED,
+                  backgrounds: tuple[str, ...] = CONCEPT_BACKGROUNDS, images: bool = True) -> list[Path]:
+    """Write a concept folder like examples/toy_concept: `{i}_{background}.png` (large `concept`, one per background),
+    a caption `{i}_{background}.txt` beside each ("large {} on a white background", {} for the learned word) and the
+    object's mask `masks/{i}_{background}.png` (grayscale, 255 = object, 0 = background, anti-aliased edges).
+
+    `images=False` writes only the captions and masks (for a folder whose images exist). Returns the image paths."""
+    from PIL import Image
+
+    out = Path(out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    pictures, masks, attrs = concept_examples(concept, seed, backgrounds)
+    paths = []
+    for i, (image, mask, a) in enumerate(zip(pictures, masks, attrs)):
+        stem = f"{i}_{a['background']}"
+        if images:
+            Image.fromarray(image).save(out / f"{stem}.png")
+        (out / f"{stem}.txt").write_text(CONCEPT_CAPTION.format(background=a["background"]) + "\n")
+        Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
+        paths.append(out / f"{stem}.png")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
