@@ -29,12 +29,14 @@ $(TINY_PIPELINE)/model_index.json: | $(VENV)/.installed
 
 # The held-out concept (a purple striped triangle, which no single word names) in 5 images, taught to the pretrained
 # toy-world pipeline, then judged (examples/toy_world/evaluate.py) against the initializer word and a random vector.
+# Each image's caption names what is incidental ("large {} on a white background"); the recipe that did best in
+# examples/toy_world/recipes.py's comparison (README: "Telling the trainer what the concept is").
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_OUT)
 	$(ACCELERATE) train_textual_inversion.py \
 	  --pretrained_model_name_or_path=$(PIPELINE) --train_data_dir=examples/toy_concept \
 	  --placeholder_token="<toy-concept>" --initializer_token=triangle --num_vectors=2 \
-	  --templates=examples/toy_world/templates.txt --resolution=32 \
+	  --templates=examples/toy_world/caption_templates.txt --caption_extension=.txt --resolution=32 \
 	  --train_batch_size=4 --max_train_steps=200 --learning_rate=1e-2 --lr_warmup_steps=0 \
 	  --checkpointing_steps=100 --checkpoints_total_limit=1 --seed=0 \
 	  --validation_prompt="a photo of a <toy-concept> on a pink background" --validation_steps=100 \

@@ -94,14 +94,16 @@ def test_pipeline_is_small_and_draws_what_captions_say(judge):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The `make demo` training run (same flags), in-process: about 10 s of CPU."""
+    """The `make demo` training run (same flags: caption templates, captions beside the images), in-process: about
+    10 s of CPU."""
     import train_textual_inversion as tti
 
     out = tmp_path_factory.mktemp("toy-demo")
     tti.main(tti.parse_args([
         "--pretrained_model_name_or_path", str(PIPELINE), "--train_data_dir", str(CONCEPT_DIR),
         "--placeholder_token", "<toy-concept>", "--initializer_token", "triangle", "--num_vectors", "2",
-        "--templates", str(TOY / "templates.txt"), "--resolution", "32", "--train_batch_size", "4",
+        "--templates", str(TOY / "caption_templates.txt"), "--caption_extension", ".txt", "--resolution", "32",
+        "--train_batch_size", "4",
         "--max_train_steps", "200", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--seed", "0",
         "--report_to", "none", "--output_dir", str(out),
     ]))
