@@ -35,14 +35,15 @@ def test_cached_posterior_equals_encoding_each_image_and_flip(tiny_vae):
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     latents = tti.ImageLatents(images, tiny_vae)
     latents.cache()
-    assert latents.mean.shape == latents.std.shape == (3, 2, 4, 4, 4) and latents.mean.dtype == torch.float32
+    mean, std = torch.stack(latents.mean), torch.stack(latents.std)  # one [2 (flip), C, h, w] per image
+    assert mean.shape == std.shape == (3, 2, 4, 4, 4) and mean.dtype == torch.float32
     for i in range(3):
         for flip in (False, True):
             pixels = tti.pixel_values(images, torch.tensor([i]), torch.tensor([flip]))
             dist = tiny_vae.encode(pixels).latent_dist
-            torch.testing.assert_close(latents.mean[i, int(flip)], dist.mean[0].detach(), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(latents.std[i, int(flip)], dist.std[0].detach(), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(latents.mean[:, 0], latents.mean[:, 1])  # the flips are different images
+            torch.testing.assert_close(mean[i, int(flip)], dist.mean[0].detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(std[i, int(flip)], dist.std[0].detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mean[:, 0], mean[:, 1])  # the flips are different images
 
 
 def test_cached_and_encoded_latents_are_the_same_draws(tiny_vae):
@@ -103,7 +104,7 @@ def test_bf16_runs_frozen_weights_in_bf16_and_trains_fp32_vectors(run_training, 
     assert embedding.vectors.dtype == torch.float32
     exp_avg = states[0].state[embedding.vectors]["exp_avg"]
     assert exp_avg.dtype == torch.float32 and exp_avg.abs().sum() > 0
-    assert models.latents.mean.dtype == torch.float32
+    assert all(mean.dtype == torch.float32 for mean in models.latents.mean)
     assert all(math.isfinite(h["loss"]) for h in result.history)
     assert result.vectors.dtype == torch.float32 and torch.isfinite(result.vectors).all()
 

@@ -168,15 +168,15 @@ def test_validation_grid_and_tensorboard_logs(run_training):
 
 def test_style_templates_and_user_templates(run_training, tmp_path, monkeypatch):
     seen = []
-    tokenize = tti.tokenize_templates
-    monkeypatch.setattr(tti, "tokenize_templates", lambda tok, templates, *a: seen.append(templates) or
-                        tokenize(tok, templates, *a))
+    tokenize = tti.tokenize_prompts
+    monkeypatch.setattr(tti, "tokenize_prompts", lambda tok, prompts, *a: seen.append(prompts) or
+                        tokenize(tok, prompts, *a))
     run_training("--learnable_property", "style", "--max_train_steps", "1", out=tmp_path / "s")
     user = tmp_path / "templates.txt"
     user.write_text("# mine\na sketch of {}\n\n{} in a garden\n")
     run_training("--templates", str(user), "--max_train_steps", "1", out=tmp_path / "u")
-    assert seen[0] == __import__("templates").imagenet_style_templates_small
-    assert seen[1] == ["a sketch of {}", "{} in a garden"]
+    assert seen[0] == [t.format("<cat-toy>") for t in __import__("templates").imagenet_style_templates_small]
+    assert seen[1] == ["a sketch of <cat-toy>", "<cat-toy> in a garden"]
 
 
 def test_v_prediction_model_trains(tmp_path_factory, concept_dir, tmp_path):
