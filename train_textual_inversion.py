@@ -1743,8 +1743,9 @@ def tokenized_prompts(args: argparse.Namespace, tokenizers: list, image_paths: S
         per_image = [[t.format(args.placeholder_token) for t in templates]]
         sources = [[f"--templates line {t!r}" for t in templates]]
     else:
-        logger.info(f"Captions from {Path(captions[0][1]).name if args.caption_extension else 'metadata.jsonl'}"
-                    f"{' inside the templates' if any(CAPTION_SLOT in t for t in templates) else ' as the prompts'}")
+        source = f"the {args.caption_extension} files beside the images" if args.caption_extension else "metadata.jsonl"
+        use = "inside the templates" if any(CAPTION_SLOT in t for t in templates) else "as the prompts"
+        logger.info(f"Captions from {source}, {use}")
         per_image = caption_prompts(templates, captions, args.placeholder_token, args.templates is not None)
         sources = [[where] * len(prompts) for prompts, (_, where) in zip(per_image, captions)]
     expanded = [(expand_placeholder(p, args.placeholder_token, args.num_vectors), w)
