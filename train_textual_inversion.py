@@ -1211,9 +1211,11 @@ class _AboveTheBar(logging.StreamHandler):
 
 
 def setup_logging(accelerator) -> None:
+    handler = _AboveTheBar(sys.stderr)
+    handler.addFilter(_DropLibraryNoise())  # library records that propagate to the root logger land here
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR, force=True,
-                        handlers=[_AboveTheBar(sys.stderr)])
+                        handlers=[handler])
     # Library chatter only from one process, and only warnings that say something.
     quiet_libraries(logging.WARNING if accelerator.is_local_main_process else logging.ERROR)
 
