@@ -983,7 +983,12 @@ def save_checkpoint(output_dir: Path, step: int, embeds: dict[str, torch.Tensor]
     # Pruned only once the new one is in place: a failed save never leaves fewer checkpoints than before.
     older = [(n, p) for n, p in list_checkpoints(output_dir) if p != final]
     for old in checkpoints_to_remove(older, total_limit):
-        shutil.rmtree(old)
+        # Renamed out of sight first: a kill during rmtree must not leave a half-deleted checkpoint that still looks
+        # complete to --resume_from_checkpoint latest.
+        doomed = old.with_name(f".{old.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier kill, if any
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
     return final
 
 

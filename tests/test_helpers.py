@@ -700,3 +700,23 @@ def test_images_smaller_than_the_resolution_are_named_in_a_warning(tmp_path, cap
         images = tti.load_training_images(sorted(tmp_path.iterdir()), 32, center_crop=False)
     assert [tuple(p.shape) for p in images.pixels] == [(3, 32, 32)] * 2
     assert "small.png is 20x30" in caplog.text and "big.png" not in caplog.text
+
+
+def test_pruning_never_leaves_a_half_deleted_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is being deleted: whatever rmtree managed, `latest` must not pick it."""
+    make_checkpoint_dirs(tmp_path, ["checkpoint-1", "checkpoint-2"])
+    (tmp_path / "checkpoint-1" / "learned_embeds.safetensors").write_bytes(b"x")
+
+    rmtree = tti.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # deletes one file of the pruned checkpoint, then the process "dies"
+        if "checkpoint-1" not in str(path) or not Path(path).exists():
+            return rmtree(path, *args, **kwargs)
+        next(p for p in Path(path).iterdir() if p.name != "training_state.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tti.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        tti.save_checkpoint(tmp_path, 3, {"<x>": torch.zeros(1, 4)}, {"optimizer": {}, "lr_scheduler": {}},
+                            {"seed": 0}, total_limit=2)
+    assert [n for n, _ in tti.list_checkpoints(tmp_path)] == [2, 3]  # checkpoint-1 is out of sight, not half there
