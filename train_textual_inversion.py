@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (on the placeholder vectors only).")
     a("--adam_epsilon", type=float, default=1e-08)
     a("--max_grad_norm", type=float, default=None, help="Clip the placeholder vectors' gradient norm (off by default).")
-    a("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting with this gamma (5.0 is usual); off by default.")
+    a("--snr_gamma", type=float, default=None,
+      help="Min-SNR loss weighting with this gamma (5.0 is usual); off by default.")
     a("--noise_offset", type=float, default=0.0, help="diffusers' noise offset (e.g. 0.05); 0 is off.")
     a("--seed", type=int, default=None, help="Seed for a reproducible run (a random one is drawn and logged if unset).")
     # hardware
@@ -768,10 +769,14 @@ class ImageLatents:
         if self.mean is None:
             mean, std = encode_posterior(self.vae, pixel_values(self.images, image_index, flip))
         else:
-            keys = list(zip(image_index.tolist(), flip.long().tolist()))
-            mean, std = (torch.stack([cached[i][f] for i, f in keys]) for cached in (self.mean, self.std))
+            mean, std = (by_image_and_flip(cached, image_index, flip) for cached in (self.mean, self.std))
         sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return sample * self.vae.config.scaling_factor
+
+
+def by_image_and_flip(per_image: Sequence[torch.Tensor], image_index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """A batch from tensors kept per image as `[2 (flip), ...]`: the cached posteriors, the mask weights."""
+    return torch.stack([per_image[i][f] for i, f in zip(image_index.tolist(), flip.long().tolist())])
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
@@ -808,11 +813,15 @@ class BatchPlan:
             groups.setdefault(self.image_buckets[i % len(self.image_buckets)], []).append(i)
         return [groups[bucket] for bucket in sorted(groups)]
 
+    def _padded(self, size: int) -> int:
+        """A group's size rounded up to a multiple of the process count (it wraps around to fill the rest)."""
+        return -(-size // self.num_processes) * self.num_processes
+
     @property
     def batches_per_epoch(self) -> int:
         global_size = self.batch_size * self.num_processes
-        sizes = [len(group) for group in self._groups(list(range(self.num_samples)))]
-        return sum(-(-(-(-size // self.num_processes) * self.num_processes) // global_size) for size in sizes)
+        groups = self._groups(list(range(self.num_samples)))
+        return sum(-(-self._padded(len(group)) // global_size) for group in groups)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -830,7 +839,7 @@ class BatchPlan:
         global_size = self.batch_size * self.num_processes
         chunks = []
         for group in self._groups(order):
-            padded = -(-len(group) // self.num_processes) * self.num_processes
+            padded = self._padded(len(group))
             group = (group * -(-padded // len(group)))[:padded]  # wraps as often as needed (1 image, 8 GPUs)
             chunks += [group[start : start + global_size] for start in range(0, padded, global_size)]
         if self.image_buckets is not None:
@@ -883,7 +892,8 @@ def checkpoints_to_remove(checkpoints: Sequence[tuple[int, Path]], total_limit: 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
     """'latest' -> newest complete checkpoint in output_dir (None if there is none); an existing folder -> that
-    folder; any other name -> that name inside output_dir, as diffusers resolves `--resume_from_checkpoint=checkpoint-2`."""
+    folder; any other name -> that name inside output_dir, as diffusers resolves
+    `--resume_from_checkpoint=checkpoint-2`."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -1155,8 +1165,7 @@ def training_loss(batch: dict, models: Models, generator: torch.Generator) -> to
     target = diffusion_target(scheduler, latents, noise, timesteps)
     mask_weights = None
     if options.mask_weights is not None:
-        keys = zip(batch["image_index"].tolist(), batch["flip"].long().tolist())
-        mask_weights = torch.stack([options.mask_weights[i][f] for i, f in keys])
+        mask_weights = by_image_and_flip(options.mask_weights, batch["image_index"], batch["flip"])
     sample_weights = min_snr_weights(scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
     return diffusion_loss(model_pred.float(), target.float(), mask_weights, sample_weights)
 
@@ -1276,11 +1285,16 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
 def enable_activation_checkpointing(text_encoder) -> None:
     """transformers >= 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns); older ones only
     have the old name."""
-    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
-    enable()
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+    (enable or text_encoder.gradient_checkpointing_enable)()
 
 
-def check_vae_factor(args: argparse.Namespace) -> int:
+def vae_factor(config) -> int:
+    """How much the VAE downsamples: 2 per block after the first (8 for every Stable Diffusion VAE)."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def check_vae_factor(args: argparse.Namespace) -> None:
     """--resolution must divide by the VAE's downsampling factor; read from its config, before any weights load."""
     from diffusers import AutoencoderKL
 
@@ -1288,13 +1302,12 @@ def check_vae_factor(args: argparse.Namespace) -> int:
         config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
     except (OSError, ValueError) as e:
         raise model_load_error(args, "its vae config", e) from None
-    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    factor = vae_factor(config)
     if args.resolution % factor:
         raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}; "
                          f"use e.g. {max(args.resolution // factor, 1) * factor}")
     if args.enable_bucket and args.bucket_reso_steps % factor:
         raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of the VAE's factor {factor}")
-    return factor
 
 
 def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], learning_rate: float,
@@ -1423,7 +1436,7 @@ def save_full_pipeline(args, accelerator, models: Models) -> None:
 class LossOptions:
     """What shapes the loss beyond the MSE (see training_loss)."""
 
-    mask_weights: list[torch.Tensor] | None = None  # per image [2 (flip), 1, h, w] on the device (--alpha_mask, --mask_dir)
+    mask_weights: list[torch.Tensor] | None = None  # per image [2 (flip), 1, h, w], on the device (masks given)
     snr_gamma: float | None = None  # --snr_gamma
     noise_offset: float = 0.0  # --noise_offset
 
@@ -1786,8 +1799,8 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
     time_ids = sdxl_time_ids(inputs.images).to(accelerator.device) if inputs.family == "sdxl" else None
     mask_weights = None
     if inputs.images.masks is not None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        mask_weights = [w.to(accelerator.device) for w in latent_loss_weights(inputs.images.masks, factor)]
+        weights = latent_loss_weights(inputs.images.masks, vae_factor(vae.config))
+        mask_weights = [w.to(accelerator.device) for w in weights]
     loss = LossOptions(mask_weights, args.snr_gamma, args.noise_offset)
     return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders), vae, unet, noise_scheduler,
                   embeddings, weight_dtype, latents, time_ids, loss)
