@@ -58,3 +58,13 @@ imagenet_style_templates_small = [
 ]
 
 TEMPLATES = {"object": imagenet_templates_small, "style": imagenet_style_templates_small}
+
+# Validation prompts (see train_textual_inversion.py's validation). The reconstruction prompt asks for the concept and
+# nothing else: its images are compared with the training images (CLIP-I). The edit prompts put the concept somewhere
+# new: their images are compared with the prompt's text without the placeholder (CLIP-T), the paper's protocol.
+RECONSTRUCTION_PROMPTS = {"object": "a photo of a {}", "style": "a painting in the style of {}"}
+EDIT_PROMPTS = {
+    "object": ["a photo of a {} on the beach", "a watercolor painting of a {}", "a photo of a {} in the snow"],
+    "style": ["a painting of a castle in the style of {}", "a portrait of a woman in the style of {}",
+              "a photo of a cat in the style of {}"],
+}

@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -127,9 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
       help='A checkpoint-N folder, a checkpoint-N name inside --output_dir, or "latest" there.')
     a("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
     a("--report_to", default="tensorboard", help='tensorboard (default), wandb, comet_ml, all, or "none".')
-    a("--validation_prompt", default=None, help="Prompt rendered every --validation_steps (use the placeholder).")
-    a("--num_validation_images", type=int, default=4)
-    a("--validation_steps", type=int, default=100)
+    a("--validation_prompt", action="append", default=None,
+      help="Edit prompt rendered every --validation_steps, with the placeholder; repeat the flag, or give a .txt "
+           "file of prompts, one per line. With --clip_model_name_or_path and none given, a few defaults.")
+    a("--reconstruction_prompt", default=None,
+      help='The prompt whose images are compared with the training images (default "a photo of a <token>", or '
+           '"a painting in the style of <token>" for styles).')
+    a("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    a("--validation_guidance_scale", type=float, default=7.5,
+      help="Classifier-free guidance of the validation images (the pipelines' default); use the one you will use.")
+    a("--validation_steps", type=int, default=100,
+      help="Validate every N steps: validation loss, images and CLIP scores (see report.json).")
+    a("--clip_model_name_or_path", default=None,
+      help="A transformers CLIPModel (folder or hub id, e.g. openai/clip-vit-large-patch14) that scores each "
+           "validation: CLIP-I (looks like the training images) and CLIP-T (follows the edit prompts).")
+    a("--early_stopping_patience", type=int, default=None,
+      help="Stop when the validation score has not improved for this many validations.")
+    a("--preserve_embedding_norm", action="store_true",
+      help="After each step, rescale each vector to its initial norm (OneTrainer's option).")
+    a("--embedding_reg_weight", type=float, default=0.0,
+      help="Weight of an L2 pull of the vectors toward their initial values (the paper's code); 0 is off.")
     a("--validation_epochs", type=int, default=None,
       help="Deprecated (as in diffusers): sets --validation_steps to this x images x --repeats.")
     # diffusers' hub flags: accepted so their command lines fail with a clear reason, not "unrecognized argument".
@@ -180,6 +197,10 @@ def validate_args(args: argparse.Namespace) -> str | None:
     for name in ["max_train_steps", "lr_warmup_steps", "dataloader_num_workers"]:
         if getattr(args, name) < 0:
             return f"--{name} must be 0 or more (got {getattr(args, name)})"
+    if args.early_stopping_patience is not None and args.early_stopping_patience < 1:
+        return f"--early_stopping_patience must be at least 1 (got {args.early_stopping_patience})"
+    if not args.embedding_reg_weight >= 0:
+        return f"--embedding_reg_weight must be 0 or more (got {args.embedding_reg_weight})"
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         return f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})"
     if not args.learning_rate > 0:
@@ -260,6 +281,9 @@ def validate_paths(args: argparse.Namespace) -> str | None:
         return f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder"
     if not model.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a path, not a hub id
         return f"--pretrained_model_name_or_path {name} does not exist"
+    clip = args.clip_model_name_or_path
+    if clip and not Path(clip).expanduser().exists() and (clip.startswith((".", "/", "~")) or clip.count("/") > 1):
+        return f"--clip_model_name_or_path {clip} does not exist"
     resume = args.resume_from_checkpoint
     if resume not in (None, "latest") and not resolve_resume_checkpoint(resume, args.output_dir).is_dir():
         return (f"--resume_from_checkpoint {resume} is neither a folder nor a checkpoint in --output_dir "
@@ -345,6 +369,10 @@ class PlaceholderEmbedding(torch.nn.Module):
         self.frozen = frozen.requires_grad_(False)
         self.first_placeholder_id = first_placeholder_id
         self.vectors = torch.nn.Parameter(vectors.float().clone())  # fp32 even when the encoder runs in fp16/bf16
+        # The initializer's vectors, for the telemetry and the norm controls. A plain attribute, not a buffer: DDP
+        # would broadcast a buffer at every forward. A resume rebuilds it from the initializer, as here.
+        self.initial = vectors.float().detach().clone()
+        self.reference_norm = 1.0  # the median norm of the vocabulary rows in use (set_reference_norm)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.frozen(input_ids.clamp(max=self.frozen.num_embeddings - 1))
@@ -362,6 +390,53 @@ class PlaceholderEmbedding(torch.nn.Module):
         weight[: len(frozen)] = frozen
         weight[self.first_placeholder_id : end] = self.vectors.detach().to(weight.dtype)
         return weight
+
+
+    def set_reference_norm(self, token_ids: Sequence[int]) -> None:
+        """What the vectors' norms are compared with: the median norm of these vocabulary rows."""
+        rows = self.frozen.weight.detach()[list(token_ids)].float()
+        self.reference_norm = rows.norm(dim=1).median().item()
+
+    def telemetry(self) -> dict[str, list[float]]:
+        """Per vector: its norm over the vocabulary's (a word's norm is near 1x; a vector that grows far past it
+        tends to overpower the rest of the prompt), and its cosine to the initializer (how far it has turned)."""
+        with torch.no_grad():
+            vectors = self.vectors.float()
+            ratio = vectors.norm(dim=1) / self.reference_norm
+            cosine = F.cosine_similarity(vectors, self.initial.to(vectors.device), dim=1)
+            values = torch.cat([ratio, cosine]).tolist()  # one host sync
+        n = len(vectors)
+        return {"norm_ratio": values[:n], "cosine_to_init": values[n:]}
+
+    def pull_to_initial(self) -> torch.Tensor:
+        """--embedding_reg_weight's term: the squared L2 distance to the initial vectors, averaged over vectors (the
+        paper's embedding_to_coarse_loss)."""
+        return (self.vectors - self.initial.to(self.vectors.device)).pow(2).sum(dim=1).mean()
+
+    def restore_initial_norms(self) -> None:
+        """--preserve_embedding_norm: rescale each vector back to its initial length; only its direction learns."""
+        with torch.no_grad():
+            initial_norms = self.initial.to(self.vectors.device).norm(dim=1, keepdim=True)
+            self.vectors.mul_(initial_norms / self.vectors.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def vocabulary_ids_in_use(input_ids: torch.Tensor, special_ids: Sequence[int], vocabulary_size: int) -> list[int]:
+    """The vocabulary rows the training prompts use: their token ids without specials and the placeholder's.
+
+    These are the reference for the norm ratio. The whole vocabulary would not do: a model trained on a small world
+    (ours) or a vocabulary with unused rows keeps many rows at their random initialisation.
+    """
+    ids = set(input_ids.unique().tolist()) - set(special_ids)
+    return sorted(i for i in ids if i < vocabulary_size)
+
+
+def nearest_words(vectors: torch.Tensor, embedding_weight: torch.Tensor, tokenizer, k: int = 5) -> list[list[str]]:
+    """The k vocabulary words closest (cosine) to each vector: what the vector has come to mean."""
+    with torch.no_grad():
+        vocabulary = F.normalize(embedding_weight.detach().float(), dim=1)
+        similarity = F.normalize(vectors.detach().float().to(vocabulary.device), dim=1) @ vocabulary.T
+        top = similarity.topk(k, dim=1).indices.tolist()
+    return [[tokenizer.decode([i]).strip() for i in row] for row in top]
 
 
 def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int], vectors: torch.Tensor):
@@ -1143,14 +1218,17 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask_weights:
     return (per_sample if sample_weights is None else per_sample * sample_weights).mean()
 
 
-def training_loss(batch: dict, models: Models, generator: torch.Generator) -> torch.Tensor:
-    """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target."""
+def training_loss(batch: dict, models: Models, generator: torch.Generator,
+                  timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target.
+    Timesteps are drawn from the generator unless given (the validation loss fixes them)."""
     device, scheduler, options = generator.device, models.noise_scheduler, models.loss
     latents = models.latents.sample(batch["image_index"], batch["flip"], generator)
     # Noise, noising and target in float32 whatever the compute dtype; only the UNet's input is cast down.
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=device)
     if options.noise_offset:  # diffusers' --noise_offset: a per-channel shift, so the model can learn mean brightness
         noise = noise + options.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
                                                            device=device, dtype=latents.dtype)
@@ -1358,43 +1436,232 @@ def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max
     logger.info("\n".join(lines))
 
 
-def run_validation(args, accelerator, models: Models, seed: int, step: int) -> Path:
-    """Render --num_validation_images for the validation prompt; save a grid PNG (returned) and log it to
-    TensorBoard."""
-    from diffusers import DPMSolverMultistepScheduler
+# ---- Validation: which step to keep ------------------------------------------------------------------------------
+# Fractions of the training timesteps at which the validation loss is taken: the same ones at every validation.
+VALIDATION_LOSS_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SELECTION_RULE = "highest CLIP-I + CLIP-T"  # see step_score
+SELECTION_RULE_WITHOUT_CLIP = "lowest validation loss"
 
-    weight_dtype = models.weight_dtype
-    pipeline = pipeline_class(models.family).from_pretrained(
-        args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
-        variant=args.variant, dtype=weight_dtype)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
-    prompt = expand_placeholder(args.validation_prompt, args.placeholder_token, args.num_vectors)
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    models.prompt_encoder.eval()
-    with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
-        images = pipeline(prompt, num_images_per_prompt=args.num_validation_images, num_inference_steps=25,
-                          height=args.resolution, width=args.resolution, generator=generator).images
-    models.prompt_encoder.train()
-    path = Path(args.output_dir, "validation", f"step-{step}.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
-                                      dataformats="NHWC")
-    return path
+
+def read_validation_prompts(values: Sequence[str] | None) -> list[str]:
+    """--validation_prompt as given: each value a prompt, or a .txt file of prompts, one per line."""
+    prompts = []
+    for value in values or []:
+        if not value.endswith(".txt"):
+            prompts.append(value)
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--validation_prompt {value} is not a file: give a prompt, or a .txt file of prompts")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line and not line.startswith("#")]
+        if not lines:
+            raise UsageError(f"--validation_prompt {value} has no prompts: write one per line")
+        prompts += lines
+    return prompts
+
+
+def validation_prompts(edits: Sequence[str], reconstruction: str | None, placeholder_token: str,
+                       learnable_property: str, scored: bool) -> list[str]:
+    """What each validation draws: the reconstruction prompt, then the edit prompts (placeholder written once).
+
+    Empty when there is nothing to look at or score: no edit prompts, no reconstruction prompt, no CLIP model.
+    With a CLIP model and no edit prompts, the defaults for objects or styles (templates.py).
+    """
+    from templates import EDIT_PROMPTS, RECONSTRUCTION_PROMPTS
+
+    if not (edits or reconstruction or scored):
+        return []
+    if not edits and scored:
+        edits = [p.format(placeholder_token) for p in EDIT_PROMPTS[learnable_property]]
+    return [reconstruction or RECONSTRUCTION_PROMPTS[learnable_property].format(placeholder_token), *edits]
+
+
+def step_score(record: dict) -> float | None:
+    """The number the best step maximises (SELECTION_RULE): CLIP-I + CLIP-T when there are CLIP scores, else minus
+    the validation loss."""
+    if record.get("clip_i") is not None and record.get("clip_t") is not None:
+        return record["clip_i"] + record["clip_t"]
+    if record.get("clip_i") is not None:
+        return record["clip_i"]
+    return -record["validation_loss"]
+
+
+def score_text(record: dict) -> str:
+    """What step_score saw, in words: "CLIP-I 0.812 + CLIP-T 0.271" or "validation loss 0.1655"."""
+    if record.get("clip_i") is None:
+        return f"validation loss {record['validation_loss']:.4f}"
+    text = f"CLIP-I {record['clip_i']:.3f}"
+    return text + (f" + CLIP-T {record['clip_t']:.3f}" if record.get("clip_t") is not None else "")
+
+
+def best_validation(validations: Sequence[dict]) -> tuple[int, str]:
+    """The rule (SELECTION_RULE): the index of the validation to keep, and why in words."""
+    scores = [step_score(record) for record in validations]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the earliest of equals
+    return best, f"{score_text(validations[best])}, the best of {len(validations)} validation(s)"
+
+
+@dataclass
+class ScoreHistory:
+    """Every validation, the vectors at each, the training loss per step and the step chosen so far: report.json,
+    and in each checkpoint, so that a resumed run chooses among all of them."""
+
+    rule: str = SELECTION_RULE_WITHOUT_CLIP
+    validations: list[dict] = field(default_factory=list)
+    train_loss: list[list[float]] = field(default_factory=list)  # [step, loss]
+    best: dict | None = None  # {"step", "why"}
+    stopped_early: dict | None = None  # {"step", "why"}
+    # The vectors of every validated step (a few KB each), so the rule may choose any of them.
+    embeds: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, record: dict, embeds: dict[str, torch.Tensor]) -> bool:
+        """Record a validation; return whether the best step changed."""
+        self.validations.append(record)
+        self.embeds[record["step"]] = {key: v.detach().float().cpu().clone() for key, v in embeds.items()}
+        index, why = best_validation(self.validations)
+        changed = self.best is None or self.best["step"] != self.validations[index]["step"]
+        self.best = {"step": self.validations[index]["step"], "why": f"{self.rule}: {why}"}
+        return changed
+
+    @property
+    def best_embeds(self) -> dict[str, torch.Tensor] | None:
+        return self.embeds[self.best["step"]] if self.best else None
+
+    def validations_since_best(self) -> int:
+        return sum(1 for record in self.validations if record["step"] > self.best["step"]) if self.best else 0
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "best": self.best, "stopped_early": self.stopped_early,
+                "train_loss": self.train_loss, "validations": self.validations}
+
+    @classmethod
+    def from_json(cls, data: dict, embeds: dict[int, dict[str, torch.Tensor]]) -> ScoreHistory:
+        return cls(data["rule"], data["validations"], data["train_loss"], data["best"], data["stopped_early"],
+                   embeds)
+
+
+@dataclass
+class Validator:
+    """What each validation uses, prepared once (main process)."""
+
+    prompts: list[str]  # validation_prompts(): reconstruction first; empty: no images
+    loss_prompt_ids: torch.Tensor  # [num_images, num_text_encoders, 77]: each image's first training prompt
+    reference_features: torch.Tensor | None  # CLIP's features of the training images: CLIP-I's reference
+    scorer: object | None  # validation_report.ClipScorer, with --clip_model_name_or_path
+    pipeline: object | None = None  # the inference pipeline, built at the first validation that draws images
+
+
+def validation_loss(models: Models, loss_prompt_ids: torch.Tensor, seed: int) -> float:
+    """The loss over every training image (unflipped), at fixed timesteps with fixed noise and posterior draws: the
+    same draws at each validation, so its curve shows the vectors changing, not the sampling."""
+    device = models.unet.device
+    num_train = models.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.tensor([int(f * num_train) for f in VALIDATION_LOSS_TIMESTEPS], device=device)
+    k, losses = len(timesteps), []
+    with torch.no_grad():
+        for image in range(len(loss_prompt_ids)):
+            generator = torch.Generator(device).manual_seed(derived_seed(seed, "validation loss", image))
+            batch = {"image_index": torch.full((k,), image), "flip": torch.zeros(k, dtype=torch.bool),
+                     "input_ids": loss_prompt_ids[image].expand(k, *loss_prompt_ids.shape[1:])}
+            losses.append(training_loss(batch, models, generator, timesteps).item())
+    return sum(losses) / len(losses)
+
+
+def draw_validation_images(pipeline, prompts: Sequence[str], num_images: int, resolution: int, seed: int,
+                           weight_dtype: torch.dtype, guidance_scale: float = 7.5) -> list[list[Image.Image]]:
+    """num_images per prompt, image i of every prompt from the same starting noise (so rows differ only by the
+    prompt, and steps only by the vectors)."""
+    device = pipeline.unet.device
+    rows = []
+    for prompt in prompts:
+        generators = [torch.Generator(device).manual_seed(derived_seed(seed, "validation", i))
+                      for i in range(num_images)]
+        with torch.autocast(device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
+            rows.append(pipeline(prompt, num_images_per_prompt=num_images, num_inference_steps=25,
+                                 guidance_scale=guidance_scale, height=resolution, width=resolution,
+                                 generator=generators).images)
+    return rows
 
 
 def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     """A near-square grid, row by row."""
     cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return prompt_grid([images[i:i + cols] for i in range(0, len(images), cols)])
+
+
+def prompt_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
+    """One row per prompt."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (max(len(r) for r in rows) * w, len(rows) * h), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * w, y * h))
     return grid
+
+
+def validation_pipeline(args, accelerator, models: Models):
+    """The family's inference pipeline around this run's models (the vectors in place), with DPM-Solver++."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipeline = pipeline_class(models.family).from_pretrained(
+        args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
+        variant=args.variant, dtype=models.weight_dtype)
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def embedding_record(models: Models, placeholder_token: str, with_words: bool) -> dict:
+    """The vectors' telemetry per text encoder (keyed as saved), and their nearest words."""
+    keys = embeds_keys(placeholder_token, len(models.embeddings))
+    record = {"norm_ratio": {}, "cosine_to_init": {}}
+    for key, embedding in zip(keys, models.embeddings):
+        telemetry = embedding.telemetry()
+        record["norm_ratio"][key], record["cosine_to_init"][key] = telemetry["norm_ratio"], telemetry["cosine_to_init"]
+    if with_words:
+        record["nearest_words"] = {key: nearest_words(e.vectors, e.frozen.weight, tokenizer)
+                                   for key, e, tokenizer in zip(keys, models.embeddings, models.tokenizers)}
+    return record
+
+
+def validate(run: Run, step: int) -> dict:
+    """One validation: loss, telemetry, images and CLIP scores; the record that report.json keeps."""
+    from dataclasses import replace
+
+    import time
+
+    started = time.perf_counter()
+    args, accelerator, validator = run.args, run.accelerator, run.validator
+    # The unwrapped encoder: a DDP forward on one process would wait for the others.
+    models = replace(run.models, prompt_encoder=accelerator.unwrap_model(run.models.prompt_encoder))
+    models.prompt_encoder.eval()
+    record = {"step": step, "validation_loss": validation_loss(models, validator.loss_prompt_ids, run.seed),
+              **embedding_record(models, args.placeholder_token, with_words=True)}
+    if validator.prompts:
+        if validator.pipeline is None:
+            validator.pipeline = validation_pipeline(args, accelerator, models)
+        expanded = [expand_placeholder(p, args.placeholder_token, args.num_vectors) for p in validator.prompts]
+        rows = draw_validation_images(validator.pipeline, expanded, args.num_validation_images, args.resolution,
+                                      run.seed, models.weight_dtype, args.validation_guidance_scale)
+        path = Path(args.output_dir, "validation", f"step-{step}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompt_grid(rows).save(path)
+        record.update(images=path.relative_to(args.output_dir).as_posix(), prompts=validator.prompts,
+                      grid={"rows": len(rows), "cols": args.num_validation_images})
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(i) for r in rows for i in r]), step,
+                                          dataformats="NHWC")
+        if validator.scorer is not None:
+            from validation_report import clip_scores
+
+            record.update(clip_scores(validator.scorer, validator.reference_features,
+                                      list(zip(validator.prompts, rows)), [args.placeholder_token]))
+    models.prompt_encoder.train()
+    record["score"] = step_score(record)
+    record["seconds"] = round(time.perf_counter() - started, 3)  # what validating costs (benchmarks/)
+    return record
 
 
 def pipeline_class(family: str):
@@ -1439,6 +1706,7 @@ class LossOptions:
     mask_weights: list[torch.Tensor] | None = None  # per image [2 (flip), 1, h, w], on the device (masks given)
     snr_gamma: float | None = None  # --snr_gamma
     noise_offset: float = 0.0  # --noise_offset
+    embedding_reg_weight: float = 0.0  # --embedding_reg_weight: added to the loss, not part of the logged loss
 
 
 @dataclass
@@ -1502,7 +1770,11 @@ def accumulate_step(accelerator, models: Models, micro_batches: list[dict], step
         # Gradients of the accumulation's earlier micro-batches stay local: one all-reduce per step.
         with contextlib.nullcontext() if last else accelerator.no_sync(models.prompt_encoder):
             loss = training_loss(batch, models, generator)
-            accelerator.backward(loss / len(micro_batches))
+            objective = loss
+            if models.loss.embedding_reg_weight:  # in the same backward, so DDP reduces one gradient per step
+                pull = sum(embedding.pull_to_initial() for embedding in models.embeddings)
+                objective = loss + models.loss.embedding_reg_weight * pull
+            accelerator.backward(objective / len(micro_batches))
         step_loss += loss.detach() / len(micro_batches)
     return step_loss
 
@@ -1520,28 +1792,108 @@ class Run:
     run_identity: dict  # what a checkpoint must match to be resumed by this run
     max_train_steps: int
     validation_steps: int  # --validation_steps, or what the deprecated --validation_epochs converts to
+    validator: Validator | None  # on the main process
+    scores: ScoreHistory
 
 
-def save_step_outputs(run: Run, done: int, force_checkpoint: bool = False) -> None:
-    """Intermediate learned_embeds, checkpoints and validation images due after step `done` (main process), and one
-    line saying what was written."""
+def is_validation_step(run: Run, done: int) -> bool:
+    """Every --validation_steps, and the last step (a candidate for the best like any other)."""
+    return done % run.validation_steps == 0 or done == run.max_train_steps
+
+
+def write_report(output_dir: Path, scores: ScoreHistory, placeholder_token: str, picture: bool = False) -> None:
+    """report.json (atomically: a reader never sees half of it) and, if asked, report.png."""
+    report = {"placeholder_token": placeholder_token, **scores.to_json()}
+    path = output_dir / "report.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+    if picture:
+        from validation_report import draw_report
+
+        draw_report(report, output_dir)
+
+
+def describe_validation(record: dict, best: bool) -> str:
+    scores = [f"val loss {record['validation_loss']:.4f}"]
+    scores += [f"{name} {record[key]:.3f}" for key, name in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+               if record.get(key) is not None]
+    where = record.get("images", "validation")
+    return f"{where} ({', '.join(scores)}{'; best so far' if best else ''})"
+
+
+def record_validation(run: Run, done: int, embeds: dict[str, torch.Tensor], metadata: dict) -> tuple[str, bool]:
+    """Validate, keep the best step's files (learned_embeds-best and its named copy) and report.json up to date;
+    return what to log and whether --early_stopping_patience ends the run here."""
+    args, scores = run.args, run.scores
+    record = validate(run, done)
+    changed = scores.add(record, embeds)
+    if changed:  # usually to this step; a rule over the whole history may also go back to an earlier one
+        save_result_files(scores.best_embeds, Path(args.output_dir), "-best", args.placeholder_token,
+                          not args.no_safe_serialization, {**metadata, "step": str(scores.best["step"])})
+    best = scores.best["step"] == done
+    patience = args.early_stopping_patience
+    stop = patience is not None and scores.validations_since_best() >= patience and done < run.max_train_steps
+    if stop:
+        scores.stopped_early = {"step": done, "why": f"no better score ({scores.rule}) in the {patience} "
+                                                     f"validation(s) after step {scores.best['step']}"}
+    write_report(Path(args.output_dir), scores, args.placeholder_token)
+    return describe_validation(record, best), stop
+
+
+def words_summary(models: Models, placeholder_token: str) -> str:
+    words = embedding_record(models, placeholder_token, with_words=True)["nearest_words"]
+    return "; ".join(f"{key if len(words) > 1 else 'vector'} {i}: {', '.join(row)}"
+                     for key, rows in words.items() for i, row in enumerate(rows))
+
+
+def save_step_outputs(run: Run, done: int, force_checkpoint: bool = False) -> bool:
+    """Validation, intermediate learned_embeds and checkpoints due after step `done` (main process), and one line
+    saying what was written. Returns whether early stopping ends the run here."""
     args, accelerator = run.args, run.accelerator
     output_dir, safe = Path(args.output_dir), not args.no_safe_serialization
     embeds, metadata = run.models.embeds(args.placeholder_token), embeds_metadata(args, done)
-    written = []
+    written, validated, stop_early = [], [], False
+    if is_validation_step(run, done) and not force_checkpoint:  # first: the checkpoint keeps its scores
+        description, stop_early = record_validation(run, done, embeds, metadata)
+        validated.append(description)
+        force_checkpoint = force_checkpoint or stop_early  # an early stop resumes like any other
     if done % args.save_steps == 0:
         paths = save_result_files(embeds, output_dir, f"-steps-{done}", args.placeholder_token, safe, metadata)
-        written.append(" and ".join(p.name for p in paths))
+        written.append(f"{' and '.join(p.name for p in paths)} (nearest words: "
+                       f"{words_summary(run.models, args.placeholder_token)})")
     if done % args.checkpointing_steps == 0 or force_checkpoint:
         state = {"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
-                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = save_checkpoint(output_dir, done, embeds, state, {**run.run_identity, "seed": run.seed},
-                               args.checkpoints_total_limit, metadata)
+                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+                 "validation_embeds": run.scores.embeds}
+        training_state = {**run.run_identity, "seed": run.seed, "scores": run.scores.to_json()}
+        path = save_checkpoint(output_dir, done, embeds, state, training_state, args.checkpoints_total_limit,
+                               metadata)
         written.append(path.name)
-    if args.validation_prompt and done % run.validation_steps == 0 and not force_checkpoint:
-        written.append(str(run_validation(args, accelerator, run.models, run.seed, done).relative_to(output_dir)))
-    if written:
-        logger.info(f"Step {done}: saved {', '.join(written)}")
+    if written or validated:
+        logger.info(f"Step {done}: saved {', '.join(written + validated)}")
+    return stop_early
+
+
+def agree_to_stop(accelerator, stop: bool) -> bool:
+    """The main process's early-stop decision, on every process."""
+    from accelerate.utils import broadcast
+
+    flag = broadcast(torch.tensor([float(stop)], device=accelerator.device), from_process=0)
+    return bool(flag.item())
+
+
+def patience_spent(run: Run) -> bool:
+    """A resumed run that had already stopped early, with the same patience: nothing more to train."""
+    patience = run.args.early_stopping_patience
+    return patience is not None and run.scores.best is not None and run.scores.validations_since_best() >= patience
+
+
+def step_telemetry(models: Models, placeholder_token: str) -> dict[str, float]:
+    """Per text encoder and vector, for the trackers: norm over the vocabulary's, cosine to the initializer."""
+    record = embedding_record(models, placeholder_token, with_words=False)
+    return {f"{kind}/{key}/{i}": value for kind in ("norm_ratio", "cosine_to_init")
+            for key, values in record[kind].items() for i, value in enumerate(values)}
 
 
 def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dict[str, float]], int]:
@@ -1553,6 +1905,11 @@ def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dic
 
     accelerator, models, optimizer, lr_scheduler = run.accelerator, run.models, run.optimizer, run.lr_scheduler
     history, stopped_by = [], 0
+    if patience_spent(run):
+        logger.info(f"Stopped early at step {first_step} already ({run.scores.stopped_early['why']}); raise "
+                    "--early_stopping_patience or drop it to train on")
+        return history, 0
+    run.scores.stopped_early = None
     progress = tqdm(total=run.max_train_steps, initial=first_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     with stop_requests() as stop:
@@ -1569,21 +1926,31 @@ def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dic
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if run.args.preserve_embedding_norm:
+                for embedding in models.embeddings:
+                    embedding.restore_initial_norms()
 
             done = step + 1
-            logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0],
+                    **step_telemetry(models, run.args.placeholder_token)}
             history.append(logs)
+            run.scores.train_loss.append([done, logs["loss"]])
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            norm = max(value for key, value in logs.items() if key.startswith("norm_ratio/"))
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", norm=f"{norm:.2f}x")
             accelerator.log(logs, step=done)
             if signal_sum:  # this process's signal, or SIGTERM when only another process got one
                 stopped_by = stop["signal"] or 15
+            stop_early = False
             if accelerator.is_main_process:
-                save_step_outputs(run, done, force_checkpoint=bool(stopped_by) and done < run.max_train_steps)
-            if stopped_by:
+                stop_early = save_step_outputs(run, done,
+                                               force_checkpoint=bool(stopped_by) and done < run.max_train_steps)
+            if accelerator.num_processes > 1 and is_validation_step(run, done):
+                stop_early = agree_to_stop(accelerator, stop_early)
+            if stopped_by or stop_early:
                 break
     progress.close()
-    finished = first_step + len(history) >= run.max_train_steps
+    finished = first_step + len(history) >= run.max_train_steps or run.scores.stopped_early is not None
     return history, 0 if finished else stopped_by
 
 
@@ -1614,7 +1981,12 @@ def resume_command(args: argparse.Namespace) -> str:
         if value == action.default:
             continue
         flag = action.option_strings[0]
-        words += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+        if isinstance(action, argparse._StoreTrueAction):
+            words += [flag]
+        elif isinstance(value, list):  # an appended flag: once per value
+            words += [word for item in value for word in (flag, str(item))]
+        else:
+            words += [flag, str(value)]
     return shlex.join(words + ["--resume_from_checkpoint", "latest"])
 
 
@@ -1675,12 +2047,15 @@ def main(args: argparse.Namespace) -> TrainResult:
     optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.embeddings, learning_rate, max_train_steps)
     models.prompt_encoder, optimizer = accelerator.prepare(models.prompt_encoder, optimizer)
     validation_steps = validation_every(args.validation_steps, args.validation_epochs, len(dataset))
+    validator = make_validator(args, accelerator, inputs) if accelerator.is_main_process else None
+    scores = ScoreHistory(SELECTION_RULE if args.clip_model_name_or_path else SELECTION_RULE_WITHOUT_CLIP)
 
-    # 5. Resume: vectors, optimizer, schedule and step; the data and noise follow from (seed, step).
+    # 5. Resume: vectors, optimizer, schedule, step and scores; the data and noise follow from (seed, step).
     first_step = 0
     if resumed:
         first_step = restore_checkpoint(accelerator, models, optimizer, lr_scheduler, resumed, max_train_steps,
                                         args.placeholder_token)
+        scores = restore_scores(args, accelerator, resumed, scores.rule)
         logger.info(f"Resuming from {resume_path} at step {first_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {output_dir}; starting a new run")
@@ -1691,15 +2066,17 @@ def main(args: argparse.Namespace) -> TrainResult:
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
     log_run_summary(args, inputs, len(dataset), plan, max_train_steps, learning_rate, first_step, seed)
     run = Run(args, accelerator, models, optimizer, lr_scheduler, seed, run_identity, max_train_steps,
-              validation_steps)
+              validation_steps, validator, scores)
     history, stop_signal = train(run, dataset, plan, first_step)
 
-    # 7. Results, written once (also when a signal stopped the run early).
+    # 7. Results, written once (also when a signal stopped the run early), and the report of the validations.
     accelerator.wait_for_everyone()
     final_path = output_dir / embeds_filename("learned_embeds", not args.no_safe_serialization)
     last_step = first_step + len(history)
     if accelerator.is_main_process:
         save_results(args, accelerator, models, last_step)
+        write_report(output_dir, scores, args.placeholder_token, picture=True)
+        log_end_summary(models, scores, args.placeholder_token, last_step)
     accelerator.end_training()
     if stop_signal:
         raise TrainingStopped(f"stopped by signal {stop_signal} after step {last_step}; saved {final_path} and "
@@ -1728,9 +2105,11 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     tokenizers = load_tokenizers(args, family)
     placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors) for t in tokenizers]
     initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
-    if args.validation_prompt and args.placeholder_token not in args.validation_prompt:
-        logger.warning(f"--validation_prompt {args.validation_prompt!r} does not contain {args.placeholder_token}: "
-                       "its images will show nothing learned; write the placeholder where the concept goes")
+    prompts = [("--validation_prompt", p) for p in read_validation_prompts(args.validation_prompt)]
+    for flag, prompt in prompts + [("--reconstruction_prompt", args.reconstruction_prompt or "")]:
+        if prompt and args.placeholder_token not in prompt:
+            logger.warning(f"{flag} {prompt!r} does not contain {args.placeholder_token}: its images will show "
+                           "nothing learned; write the placeholder where the concept goes")
     image_paths, skipped = list_image_files(args.train_data_dir)
     # Captions, metadata and a masks folder belong beside the images: only other entries are worth a warning.
     side = {".txt", ".caption", ".jsonl", args.caption_extension or ".txt"}
@@ -1787,10 +2166,15 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype)
     embeddings = []
-    for encoder, tokenizer, ids, start in zip(text_encoders, inputs.tokenizers, inputs.placeholder_token_ids, vectors):
+    for i, (encoder, tokenizer, ids, start) in enumerate(zip(text_encoders, inputs.tokenizers,
+                                                             inputs.placeholder_token_ids, vectors)):
         pool_at_end_of_text(encoder, tokenizer)
         # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
-        embeddings.append(install_placeholder_embedding(encoder, ids, start.to(accelerator.device)))
+        embedding = install_placeholder_embedding(encoder, ids, start.to(accelerator.device))
+        in_use = vocabulary_ids_in_use(inputs.template_input_ids.select(-2, i), tokenizer.all_special_ids,
+                                       embedding.frozen.num_embeddings)
+        embedding.set_reference_norm(in_use + inputs.initializer_ids[i])
+        embeddings.append(embedding)
     latents = ImageLatents(inputs.images.pixels, vae)
     if not args.no_cache_latents:
         # The same 3-5 images would otherwise go through the VAE encoder at every step (~15% of an SD step).
@@ -1801,9 +2185,60 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
     if inputs.images.masks is not None:
         weights = latent_loss_weights(inputs.images.masks, vae_factor(vae.config))
         mask_weights = [w.to(accelerator.device) for w in weights]
-    loss = LossOptions(mask_weights, args.snr_gamma, args.noise_offset)
+    loss = LossOptions(mask_weights, args.snr_gamma, args.noise_offset, args.embedding_reg_weight)
     return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders), vae, unet, noise_scheduler,
                   embeddings, weight_dtype, latents, time_ids, loss)
+
+
+def make_validator(args, accelerator, inputs: Inputs) -> Validator:
+    """Validation prompts, each image's prompt for the validation loss, CLIP and its reference images."""
+    prompts = validation_prompts(read_validation_prompts(args.validation_prompt), args.reconstruction_prompt,
+                                 args.placeholder_token, args.learnable_property, bool(args.clip_model_name_or_path))
+    ids = inputs.template_input_ids
+    loss_prompt_ids = ids[:, 0] if inputs.per_image_prompts else ids[0].expand(len(inputs.images), *ids.shape[1:])
+    scorer = references = None
+    if args.clip_model_name_or_path:
+        from validation_report import ClipScorer
+
+        try:
+            scorer = ClipScorer(args.clip_model_name_or_path, accelerator.device)
+        except Exception as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--clip_model_name_or_path {args.clip_model_name_or_path} cannot be loaded as a "
+                             f"transformers CLIPModel ({first_line}); give a CLIP folder or hub id, e.g. "
+                             "openai/clip-vit-large-patch14") from None
+        references = scorer.image_features([Image.fromarray(p.permute(1, 2, 0).numpy()) for p in inputs.images.pixels])
+    return Validator(prompts, loss_prompt_ids, references, scorer)
+
+
+def restore_scores(args, accelerator, resumed: tuple, rule: str) -> ScoreHistory:
+    """The checkpoint's validations and best step; its best vectors go back into learned_embeds-best (a later
+    validation before the interruption may have overwritten it)."""
+    training_state, _, state = resumed
+    if "scores" not in training_state:  # a checkpoint from before validations were kept
+        return ScoreHistory(rule)
+    scores = ScoreHistory.from_json(training_state["scores"], state["validation_embeds"])
+    if accelerator.is_main_process and scores.best_embeds is not None:
+        save_result_files(scores.best_embeds, Path(args.output_dir), "-best", args.placeholder_token,
+                          not args.no_safe_serialization, embeds_metadata(args, scores.best["step"]))
+    return scores
+
+
+def log_end_summary(models: Models, scores: ScoreHistory, placeholder_token: str, step: int) -> None:
+    """Where the vectors ended up, and which step to keep."""
+    record = embedding_record(models, placeholder_token, with_words=True)
+    lines = [f"Vectors after step {step} (norm over the median of the vocabulary words in use; cosine to the "
+             "initializer; nearest words):"]
+    for key, ratios in record["norm_ratio"].items():
+        for i, ratio in enumerate(ratios):
+            lines.append(f"  {key} {i}: {ratio:.2f}x, cosine {record['cosine_to_init'][key][i]:.2f}, "
+                         f"{', '.join(record['nearest_words'][key][i])}")
+    if scores.stopped_early:
+        lines.append(f"Stopped early at step {scores.stopped_early['step']}: {scores.stopped_early['why']}")
+    if scores.best:
+        lines.append(f"Best step: {scores.best['step']} ({scores.best['why']}), saved as learned_embeds-best "
+                     f"and {app_word(placeholder_token)}-best; see report.png")
+    logger.info("\n".join(lines))
 
 
 def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, resumed: tuple,

@@ -176,9 +176,12 @@ def app_files(out: Path) -> list[Path]:
 def test_the_apps_get_a_file_named_after_the_word_for_the_result_and_each_save(outputs, run):
     out, _ = outputs[run]
     ext = ".bin" if run == "sd-bin" else ".safetensors"
-    assert [p.name for p in app_files(out)] == [f"cat-toy-steps-1{ext}", f"cat-toy-steps-2{ext}", f"cat-toy{ext}"]
+    # The result, each save, and the best step (the validation at the last step picks it).
+    assert [p.name for p in app_files(out)] == [f"cat-toy-best{ext}", f"cat-toy-steps-1{ext}", f"cat-toy-steps-2{ext}",
+                                                f"cat-toy{ext}"]
     diffusers_files = sorted(p.name for p in out.iterdir() if p.name.startswith("learned_embeds"))
-    assert diffusers_files == [f"learned_embeds-steps-1{ext}", f"learned_embeds-steps-2{ext}", f"learned_embeds{ext}"]
+    assert diffusers_files == [f"learned_embeds-best{ext}", f"learned_embeds-steps-1{ext}",
+                               f"learned_embeds-steps-2{ext}", f"learned_embeds{ext}"]
 
 
 @pytest.mark.parametrize("app", ["automatic1111", "comfyui", "kohya", "invokeai"])

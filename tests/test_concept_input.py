@@ -265,10 +265,11 @@ def test_bucketed_run_trains_each_image_at_its_own_size(tiny_pipeline, tmp_path,
     images_in(data, sizes=((64, 32), (32, 64), (48, 48), (64, 30)))
     shapes, real = [], tti.training_loss
 
-    def record(batch, models, generator):
-        shapes.append((batch["image_index"].tolist(),
-                       tuple(models.latents.sample(batch["image_index"], batch["flip"], generator).shape)))
-        return real(batch, models, generator)
+    def record(batch, models, generator, timesteps=None):
+        if timesteps is None:  # training, not the validation loss
+            shapes.append((batch["image_index"].tolist(),
+                           tuple(models.latents.sample(batch["image_index"], batch["flip"], generator).shape)))
+        return real(batch, models, generator, timesteps)
 
     monkeypatch.setattr(tti, "training_loss", record)
     tti.main(tti.parse_args(train_argv(tiny_pipeline, data, tmp_path / "out", "--enable_bucket", "--resolution", "40",

@@ -109,6 +109,13 @@ def values(ctx: dict) -> dict[str, object]:
         "--num_validation_images": ["1", "--validation_prompt", "a photo of <cat-toy>", "--validation_steps", "2"],
         "--validation_steps": ["1", "--validation_prompt", "a photo of <cat-toy>", "--num_validation_images", "1"],
         "--validation_epochs": ["1", "--validation_prompt", "a photo of <cat-toy>", "--num_validation_images", "1"],
+        "--reconstruction_prompt": ["a <cat-toy> up close", "--validation_steps", "2", "--num_validation_images", "1"],
+        "--validation_guidance_scale": ["3", "--validation_prompt", "a photo of <cat-toy>", "--num_validation_images",
+                                        "1"],
+        "--clip_model_name_or_path": [str(Path(tti.__file__).parent / "examples" / "toy_world" / "clip"),
+                                      "--validation_steps", "2", "--num_validation_images", "1"],
+        "--early_stopping_patience": ["1", "--validation_steps", "1", "--max_train_steps", "3"],
+        "--embedding_reg_weight": ["0.1"],
         "--hub_token": ["hf_x"],
         "--hub_model_id": ["me/my-concept"],
     }

@@ -138,8 +138,9 @@ def test_sdxl_added_conditions_for_a_short_last_batch(tiny_sdxl_pipeline, concep
         forward = models.unet.forward
 
         def record(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, **kw):
-            seen.append((encoder_hidden_states.shape, {k: v.shape for k, v in added_cond_kwargs.items()},
-                         added_cond_kwargs["time_ids"].clone()))
+            if torch.is_grad_enabled():  # training, not the validation loss
+                seen.append((encoder_hidden_states.shape, {k: v.shape for k, v in added_cond_kwargs.items()},
+                             added_cond_kwargs["time_ids"].clone()))
             return forward(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, **kw)
 
         models.unet.forward = record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,21 @@ def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_p
     saved = load_file(out / "learned_embeds.safetensors")
     for key in ("clip_l", "clip_g"):
         assert torch.equal(rank0["embeds"][key], rank1["embeds"][key]) and torch.equal(saved[key], rank0["embeds"][key])
+
+
+def test_two_ranks_stop_early_together_with_norm_controls(tiny_pipeline, concept_dir, tmp_path):
+    """The main process validates and decides; both ranks stop at the same step, having synced only the vectors."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
+            *train_argv(tiny_pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "12",
+                        "--validation_steps", "2", "--early_stopping_patience", "2", "--preserve_embedding_norm",
+                        "--embedding_reg_weight", "0.5")],
+           ACCELERATE_USE_CPU="1", TEST_SCORE_BY_STEP="1")
+    rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert len(rank0["history"]) == len(rank1["history"]) == 6  # validations at 2, 4, 6; patience 2 after step 2
+    assert torch.equal(rank0["vectors"], rank1["vectors"])
+    assert rank0["synced_numels"] == [2 * 32] * 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_early"]["step"] == 6 and report["best"]["step"] == 2

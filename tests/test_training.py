@@ -158,7 +158,7 @@ def test_validation_grid_and_tensorboard_logs(run_training):
     from PIL import Image
 
     grid = Image.open(out / "validation" / "step-4.png")
-    assert grid.size == (64, 32)  # two 32 px images side by side
+    assert grid.size == (64, 64)  # a row per prompt (the reconstruction prompt first), 2 images of 32 px each
     events = EventAccumulator(str(out / "logs" / "textual_inversion"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     losses = [e.value for e in events.Scalars("loss")]
