@@ -7,6 +7,7 @@ exercised end to end on a laptop CPU in seconds. Its images are noise: it is a
 plumbing fixture, not a model.
 
     python examples/make_tiny_pipeline.py --output_dir examples/tiny-sd
+    python examples/make_tiny_pipeline.py --family sd3 --output_dir examples/tiny-sd3   # or --family flux
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import argparse
 import gzip
 import importlib.util
 import json
+import random
+import re
+import string
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING
 # torch/diffusers/transformers are imported inside the functions: importing them
 # costs ~8 s on a small CPU box, and the CLI's "already built" path needs none.
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408
@@ -270,13 +274,285 @@ def save_sd1_pipeline(output_dir: str | Path, text_encoder_config: dict, vae_con
     return output_dir
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow-matching families: SD 3/3.5 (MMDiT) and Flux.1. Both add a T5 encoder next to CLIP, and a 16-channel VAE.
+# ---------------------------------------------------------------------------------------------------------------------
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in every T5 checkpoint
+T5_VOCAB_SIZE = 1024
+PRINTABLE_ASCII = string.digits + string.ascii_letters + string.punctuation
+# SD3 zero-pads the concatenated CLIP-L + CLIP-G penultimate states (32 + 48 = 80 here, 768 + 1280 = 2048 for real)
+# up to T5's width (4096 for real) and stacks them with the T5 states, so T5 must be at least as wide as both CLIPs
+# together: with a narrower T5 the pad amount is negative and torch.nn.functional.pad silently *crops* CLIP features.
+T5_HIDDEN = 128
+TINY_T5 = dict(d_model=T5_HIDDEN, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+               # T5 v1.1 (what SD3 and Flux ship): gated-GELU feed-forward, untied embeddings
+               feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+# SD3's and Flux's VAE: SD's 8x-downscaling layout with 16 latent channels and no quant convs; only the latent
+# normalisation (shift/scale, applied by the pipelines as (z - shift) * scale) differs between the two.
+TINY_FLOW_VAE = dict(TINY_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+SD3_LATENT_SHIFT, SD3_LATENT_SCALE = 0.0609, 1.5305
+FLUX_LATENT_SHIFT, FLUX_LATENT_SCALE = 0.1159, 0.3611
+
+# The corpus the tiny T5 tokenizer is trained on: captions about things, colours, places and styles, like the
+# prompts textual inversion sees. Generated from these lists, so nothing is downloaded.
+_T5_WORDS = {
+    "thing": "toy cat dog car house tree flower bird horse boat chair table lamp cup bottle book clock apple banana "
+             "orange robot bear ball hat shoe bag guitar piano bicycle train plane castle bridge mountain river lake "
+             "forest city street garden window door bed sofa mirror vase candle kettle teapot mug plate spoon fork "
+             "knife pumpkin cake cookie pizza sandwich fish frog rabbit fox wolf lion tiger elephant giraffe monkey "
+             "owl duck penguin turtle dragon unicorn statue backpack umbrella kite balloon camera phone laptop "
+             "keyboard helmet jacket dress scarf glove sock ring necklace watch crown sword shield lantern basket "
+             "bucket barrel box blanket pillow carpet curtain painting poster sign fence gate tower temple church "
+             "lighthouse windmill tractor truck bus motorcycle rocket spaceship submarine ship canoe tent cabin hut "
+             "igloo skyscraper squirrel hedgehog mouse hamster parrot eagle swan goose chicken cow pig sheep goat deer "
+             "zebra panda koala kangaroo octopus crab shark whale dolphin jellyfish butterfly bee spider snail "
+             "dinosaur knight wizard princess pirate astronaut chef farmer doctor teacher child woman man girl boy "
+             "baby family friend",
+    "colour": "red green blue yellow purple pink brown black white grey golden silver beige turquoise teal violet "
+              "crimson cyan magenta navy olive maroon lavender amber emerald ivory",
+    "quality": "small large tiny huge old new shiny fluffy wooden plastic metal glass ceramic soft cute happy sad "
+               "sleepy colorful bright dark wet dry furry vintage modern antique broken painted striped spotted round "
+               "square smooth rough heavy light tall short long wide narrow empty full clean dirty quiet loud warm "
+               "cold hot frozen rusty dusty sparkling glowing transparent knitted woven plush rubber paper cardboard "
+               "velvet leather marble stone sleek curious playful grumpy friendly fierce gentle elegant strange "
+               "magical ancient futuristic detailed blurry sharp beautiful ugly famous favourite lonely busy peaceful "
+               "stormy",
+    "place": "beach table grass floor shelf street kitchen garden desk bed sofa snow sand rock road bridge window "
+             "field forest park river lake mountain moon city rooftop desert jungle ocean island village farm market "
+             "library museum classroom office bedroom bathroom attic basement balcony porch playground stadium station "
+             "airport harbor cave volcano glacier meadow valley canyon waterfall swamp hill cliff shore pier alley "
+             "square palace castle studio",
+    "style": "painting watercolor sketch drawing cartoon anime photograph oil pencil charcoal pixel digital render "
+             "illustration poster mosaic origami sculpture comic impressionist cubist surrealist minimalist realistic "
+             "abstract baroque renaissance gothic psychedelic vaporwave steampunk cyberpunk pastel chalk crayon ink "
+             "woodcut engraving etching lithograph collage graffiti mural stained embroidery claymation isometric "
+             "lowpoly voxel polaroid cinematic documentary editorial portrait landscape",
+    "light": "sunset sunrise morning evening night daylight studio moonlight neon candlelight twilight dawn dusk noon "
+             "midnight fog mist rain snowfall thunderstorm rainbow shadow backlight spotlight bokeh",
+    "action": "sitting standing running jumping sleeping eating drinking reading writing playing singing dancing "
+              "swimming flying climbing walking riding driving floating hiding smiling laughing looking waiting "
+              "holding carrying painting cooking fishing skating surfing skiing camping hugging waving",
+}
+_T5_TEMPLATES = (
+    "a photo of a {quality} {colour} {thing} on the {place}", "a {style} of a {colour} {thing}",
+    "a {quality} {thing} in the style of {style}", "the {thing} next to a {colour} {thing} at {light}",
+    "a close-up photo of the {quality} {thing}", "two {colour} {thing}s and a {thing} in the {place}",
+    "an {style} painting of a {thing} with a {colour} background", "a high quality photo of my {thing}, {light}",
+    "A {Colour} {Thing} {action} on a {place}.", "a rendering of a {quality} {thing}; {style} style!",
+    "a {thing} {action} near the {place} during {light}", "there is a {quality} {thing} {action} in the {place}",
+    "my {thing} is {colour} and {quality}", "{Style} art: {quality} {thing}s {action} by the {place}",
+    "a cropped photo of the {thing}", "a bright photo of a {quality} {thing}", "a dark photo of the {thing}",
+    "a good photo of a {thing}, {style}", "an embroidered {thing}", "a plushie {thing} in a {colour} {place}",
+)
+
+
+def t5_corpus(n_sentences: int = 1000, seed: int = 0) -> list[str]:
+    """The tiny T5 tokenizer's training text: the word lists, a line of all printable ASCII, and templated captions."""
+    rng = random.Random(seed)
+    words = {kind: text.split() for kind, text in _T5_WORDS.items()}
+
+    def fill(match: re.Match) -> str:  # {thing} -> "toy", {Thing} -> "Toy"
+        word = rng.choice(words[match.group(1).lower()])
+        return word.capitalize() if match.group(1)[0].isupper() else word
+
+    lines = ["a photo of a toy cat dog on the beach painting style", " ".join(PRINTABLE_ASCII)]
+    lines += [" ".join(w) for w in words.values()]
+    for i in range(n_sentences):
+        lines.append(re.sub(r"\{(\w+)\}", fill, rng.choice(_T5_TEMPLATES)))
+        if i % 3 == 0:  # numbers, so digits form pieces of their own as in a real vocabulary
+            lines.append(f"photo number {rng.randint(0, 2025)} of {rng.randint(2, 99)} {rng.choice(words['thing'])}s")
+    return lines
+
+
+def _canonical_unigram_scores(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Make a trained Unigram vocabulary the same on every run: sorted by score, then text.
+
+    The trainer always keeps the same pieces, but it re-adds the alphabet characters that pruning dropped with
+    made-up scores 1e-4 apart (the lowest ones in the vocabulary) in hash-map order, which differs per process.
+    Those characters are dealt the same scores in text order instead.
+    """
+    pieces = [(p, round(s, 6)) for p, s in pieces]
+    chars = [(p, s) for p, s in pieces if len(p) == 1]
+    floor = min(s for _, s in pieces) + 1e-4 * len(chars) + 1e-7
+    readded = {p for p, s in chars if s <= floor}
+    scores = sorted((s for p, s in chars if p in readded), reverse=True)
+    dealt = dict(zip(sorted(readded), scores))
+    return sorted(((p, dealt.get(p, s)) for p, s in pieces), key=lambda ps: (-ps[1], ps[0]))
+
+
+def build_t5_tokenizer(save_dir: str | Path, vocab_size: int = T5_VOCAB_SIZE) -> T5TokenizerFast:
+    """Train a tiny SentencePiece-style (Unigram) T5 tokenizer on `t5_corpus()` and save it to `save_dir`.
+
+    A stand-in for the 32,100-token T5 v1.1 tokenizer of SD3/Flux, which has no offline source here; real users
+    load the real one with T5TokenizerFast.from_pretrained(<sd3 or flux repo>, subfolder="tokenizer_3"/"tokenizer_2").
+    It keeps what the pipelines and textual inversion rely on: <pad>=0, </s>=1, <unk>=2, an </s> appended to every
+    text, "▁"-prefixed word pieces, and add_tokens() giving a new token one id after the vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import Unigram
+    from transformers import AutoTokenizer, T5TokenizerFast
+
+    # Exactly T5Tokenizer's own pipeline (transformers 5, models/t5/tokenization_t5.py): from_pretrained rebuilds the
+    # backend from tokenizer.json's vocabulary and re-applies these fixed pre-tokenizer/decoder settings (keeping only
+    # a "Precompiled" normalizer), so anything else here would be lost on reload.
+    def pipeline_of(model: Unigram) -> Tokenizer:
+        tokenizer = Tokenizer(model)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+        tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        return tokenizer
+
+    backend = pipeline_of(Unigram())
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=list(T5_SPECIAL_TOKENS), unk_token="<unk>", show_progress=False,
+        # every printable ASCII character is a piece, so ASCII text never turns into <unk>
+        initial_alphabet=list(PRINTABLE_ASCII))
+    backend.train_from_iterator(t5_corpus(), trainer)
+
+    specials = [(t, 0.0) for t in T5_SPECIAL_TOKENS]
+    rest = _canonical_unigram_scores([(p, s) for p, s in json.loads(backend.to_str())["model"]["vocab"]
+                                      if p not in T5_SPECIAL_TOKENS])
+    backend = pipeline_of(Unigram(specials + rest, unk_id=2, byte_fallback=False))
+    backend.post_processor = processors.TemplateProcessing(  # T5 appends </s> and no BOS
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)])
+
+    # extra_ids=0: T5's 100 <extra_id_N> sentinels are for span-corruption pretraining; no diffusion pipeline uses them.
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=512)
+    save_dir = Path(save_dir)
+    tokenizer.save_pretrained(save_dir)
+
+    # Like the CLIP check: what the pipelines rely on, and that from_pretrained gives back the same tokenizer.
+    text = "a photo of a toy"
+    ids, specials = tokenizer(text).input_ids, [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]
+    reloaded = AutoTokenizer.from_pretrained(save_dir)
+    reloaded_ids = reloaded(text).input_ids
+    if (specials != [0, 1, 2] or ids[-1] != 1 or 2 in ids
+            or not isinstance(reloaded, T5TokenizerFast) or reloaded_ids != ids):
+        raise RuntimeError(f"T5 tokenizer self-check failed: pad/eos/unk ids {specials}, {text!r} -> {ids}, "
+                           f"reloaded as {type(reloaded).__name__} -> {reloaded_ids}")
+    return tokenizer
+
+
+def _t5_encoder(vocab_size: int, seed: int) -> T5EncoderModel:
+    from transformers import T5Config, T5EncoderModel
+    import torch
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                   **TINY_T5))
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int, hidden_act: str):
+    from transformers import CLIPTextConfig
+
+    # projection_dim = hidden as in CLIP-L (768) and OpenCLIP-bigG (1280); real token ids, so the pooled output is
+    # taken at the first EOS even when a placeholder token (id 49408+) is in the prompt.
+    return CLIPTextConfig(**{**TINY_TEXT_ENCODER, "hidden_size": hidden}, vocab_size=VOCAB_SIZE,
+                          max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def build_tiny_sd3_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SD-3-architecture pipeline (StableDiffusion3Pipeline): an MMDiT (SD3Transformer2DModel) over a 16-channel
+    VAE, CLIP-L- and CLIP-G-like encoders with projections (widths 32 and 48), a tiny T5 (width 128) with the tiny
+    T5 tokenizer, and SD3's flow-matching schedule (shift 3.0). Default resolution 64 px; any multiple of 16 renders.
+
+    How SD3 wires the text in (diffusers StableDiffusion3Pipeline.encode_prompt): the two CLIPs' penultimate hidden
+    states are concatenated along features (32 + 48 = 80), zero-padded to T5's width and stacked with the T5 states
+    along the sequence (77 + 256 tokens) -> the transformer's joint_attention_dim is T5's width. The two CLIPs'
+    projected pooled outputs are concatenated -> pooled_projection_dim = 32 + 48.
+    """
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection
+
+    output_dir = Path(output_dir)
+    # Same pads as SDXL (and SD3's own reference code): CLIP-L pads with its EOS, CLIP-G with "!".
+    tokenizer = build_clip_tokenizer(output_dir / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(output_dir / "tokenizer_2", pad_token="!")
+    tokenizer_3 = build_t5_tokenizer(output_dir / "tokenizer_3")
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, TEXT_HIDDEN, "quick_gelu"))  # CLIP-L
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, TEXT_HIDDEN_2, "gelu"))  # bigG
+    text_encoder_3 = _t5_encoder(len(tokenizer_3), seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_FLOW_VAE, shift_factor=SD3_LATENT_SHIFT, scaling_factor=SD3_LATENT_SCALE)
+    heads, head_dim = 4, 8
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,  # latents; x8 (VAE) = the pipeline's default 64 px
+        patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=T5_HIDDEN,
+        # the text tokens join the image tokens in one attention, so they are projected to the same inner width
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,
+        # a 32x32-patch sincos table (saved with the weights), cropped per resolution: up to 32*2*8 = 512 px.
+        # SD3's 192 would cost 192*192*32 floats (4.7 MB) here.
+        pos_embed_max_size=32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipeline = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                                        tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_tiny_flux_pipeline(output_dir: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny Flux.1-architecture pipeline (FluxPipeline): a double+single-stream transformer over 2x2-packed
+    16-channel latents, a CLIP-L-like encoder (width 32; only its pooled output is used), a tiny T5 (width 128) with
+    the tiny T5 tokenizer, and Flux-dev's resolution-dependent flow-matching schedule.
+
+    guidance_embeds=True is Flux-dev (guidance distilled: guidance_scale goes into the transformer as an embedding);
+    False is Flux-schnell's transformer. Height and width must be multiples of 16 (VAE 8x, then 2x2 packing); pass
+    them explicitly, since FluxPipeline's default is 1024 px whatever the transformer.
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    output_dir = Path(output_dir)
+    tokenizer = build_clip_tokenizer(output_dir / "tokenizer")
+    tokenizer_2 = build_t5_tokenizer(output_dir / "tokenizer_2")
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, TEXT_HIDDEN, "quick_gelu"))
+    text_encoder_2 = _t5_encoder(len(tokenizer_2), seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_FLOW_VAE, shift_factor=FLUX_LATENT_SHIFT, scaling_factor=FLUX_LATENT_SCALE)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16 * 2 * 2,  # the pipeline packs each 2x2 latent patch into one token
+        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+        # rotary embedding over (text/image index, row, column); the parts must add up to attention_head_dim,
+        # like Flux's (16, 56, 56) for 128
+        axes_dims_rope=(4, 6, 6),
+        joint_attention_dim=T5_HIDDEN, pooled_projection_dim=TEXT_HIDDEN, guidance_embeds=guidance_embeds)
+    # Flux-dev's scheduler config: the shift mu grows with the number of image tokens (256 -> 0.5 ... 4096 -> 1.15).
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="examples/tiny-sd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
-    parser.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"],
-                        help="architecture: SD 1.x (--prediction_type applies), SD 2.x (v-prediction) or SDXL")
+    parser.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl", "sd3", "flux"],
+                        help="architecture: SD 1.x (--prediction_type applies), SD 2.x (v-prediction), SDXL, "
+                             "SD 3 (MMDiT, CLIP-L + CLIP-G + T5) or Flux.1-dev (CLIP-L + T5, guidance embedding)")
     parser.add_argument("--force", action="store_true", help="rebuild even if output_dir already holds a pipeline")
     args = parser.parse_args(argv)
 
@@ -288,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.family == "sd1":
             build_tiny_pipeline(out, seed=args.seed, prediction_type=args.prediction_type)
         else:
-            {"sd2": build_tiny_sd2_pipeline, "sdxl": build_tiny_sdxl_pipeline}[args.family](out, seed=args.seed)
+            builders = {"sd2": build_tiny_sd2_pipeline, "sdxl": build_tiny_sdxl_pipeline,
+                        "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}
+            builders[args.family](out, seed=args.seed)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
