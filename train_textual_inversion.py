@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
       help='The prompt whose images are compared with the training images (default "a photo of a <token>", or '
            '"a painting in the style of <token>" for styles).')
     a("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    a("--validation_inference_steps", type=int, default=25,
+      help="DPM-Solver++ steps per validation image; fewer make validation cheaper (see benchmarks/).")
     a("--validation_guidance_scale", type=float, default=7.5,
       help="Classifier-free guidance of the validation images (the pipelines' default); use the one you will use.")
     a("--validation_steps", type=int, default=100,
@@ -176,7 +178,7 @@ def validate_args(args: argparse.Namespace) -> str | None:
     """Return the first problem with the flags, as a message naming the flag, or None."""
     positive = ["num_vectors", "repeats", "resolution", "train_batch_size", "num_train_epochs",
                 "gradient_accumulation_steps", "save_steps", "checkpointing_steps", "validation_steps",
-                "num_validation_images", "lr_num_cycles"]
+                "num_validation_images", "validation_inference_steps", "lr_num_cycles"]
     for name in positive:
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1 (got {getattr(args, name)})"
@@ -1568,20 +1570,33 @@ def validation_loss(models: Models, loss_prompt_ids: torch.Tensor, seed: int) ->
     return sum(losses) / len(losses)
 
 
+# Pixels drawn per pipeline call at validation: 8 images at 512 px. Several prompts share a call where that fits (small
+# images), which is most of the cost saved at small sizes; large images go one prompt at a time, bounding memory.
+VALIDATION_PIXELS_PER_CALL = 8 * 512 * 512
+
+
+def prompts_per_call(num_images: int, resolution: int) -> int:
+    return max(1, VALIDATION_PIXELS_PER_CALL // (num_images * resolution * resolution))
+
+
 def draw_validation_images(pipeline, prompts: Sequence[str], num_images: int, resolution: int, seed: int,
-                           weight_dtype: torch.dtype, guidance_scale: float = 7.5) -> list[list[Image.Image]]:
+                           weight_dtype: torch.dtype, guidance_scale: float = 7.5,
+                           steps: int = 25) -> list[list[Image.Image]]:
     """num_images per prompt, image i of every prompt from the same starting noise (so rows differ only by the
     prompt, and steps only by the vectors)."""
     device = pipeline.unet.device
-    rows = []
-    for prompt in prompts:
+    chunk = prompts_per_call(num_images, resolution)
+    images = []
+    for start in range(0, len(prompts), chunk):
+        batch = list(prompts[start:start + chunk])
+        # The pipeline orders a batch prompt by prompt, num_images each; one generator per image.
         generators = [torch.Generator(device).manual_seed(derived_seed(seed, "validation", i))
-                      for i in range(num_images)]
+                      for _ in batch for i in range(num_images)]
         with torch.autocast(device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
-            rows.append(pipeline(prompt, num_images_per_prompt=num_images, num_inference_steps=25,
-                                 guidance_scale=guidance_scale, height=resolution, width=resolution,
-                                 generator=generators).images)
-    return rows
+            images += pipeline(batch, num_images_per_prompt=num_images, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, height=resolution, width=resolution,
+                               generator=generators).images
+    return [images[i:i + num_images] for i in range(0, len(images), num_images)]
 
 
 def image_grid(images: Sequence[Image.Image]) -> Image.Image:
@@ -1643,7 +1658,8 @@ def validate(run: Run, step: int) -> dict:
             validator.pipeline = validation_pipeline(args, accelerator, models)
         expanded = [expand_placeholder(p, args.placeholder_token, args.num_vectors) for p in validator.prompts]
         rows = draw_validation_images(validator.pipeline, expanded, args.num_validation_images, args.resolution,
-                                      run.seed, models.weight_dtype, args.validation_guidance_scale)
+                                      run.seed, models.weight_dtype, args.validation_guidance_scale,
+                                      args.validation_inference_steps)
         path = Path(args.output_dir, "validation", f"step-{step}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         prompt_grid(rows).save(path)
@@ -1827,6 +1843,8 @@ def record_validation(run: Run, done: int, embeds: dict[str, torch.Tensor], meta
     return what to log and whether --early_stopping_patience ends the run here."""
     args, scores = run.args, run.scores
     record = validate(run, done)
+    run.accelerator.log({f"validation/{key}": record[key] for key in ("validation_loss", "clip_i", "clip_t")
+                         if record.get(key) is not None}, step=done)
     changed = scores.add(record, embeds)
     if changed:  # usually to this step; a rule over the whole history may also go back to an earlier one
         save_result_files(scores.best_embeds, Path(args.output_dir), "-best", args.placeholder_token,

@@ -116,6 +116,8 @@ def values(ctx: dict) -> dict[str, object]:
                                       "--validation_steps", "2", "--num_validation_images", "1"],
         "--early_stopping_patience": ["1", "--validation_steps", "1", "--max_train_steps", "3"],
         "--embedding_reg_weight": ["0.1"],
+        "--validation_inference_steps": ["3", "--validation_prompt", "a photo of <cat-toy>", "--num_validation_images",
+                                         "1"],
         "--hub_token": ["hf_x"],
         "--hub_model_id": ["me/my-concept"],
     }
