@@ -40,8 +40,6 @@ __version__ = "0.1.0"
 
 logger = logging.getLogger("textual_inversion")
 
-# model_index.json's _class_name -> the family this script trains it as.
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -448,29 +446,80 @@ def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int]
     return module
 
 
+# ---- Model families --------------------------------------------------------------------------------------------------
+# What differs between the families this script trains lives in one small adapter per family: its pipeline class,
+# tokenizers and text encoders, how the denoiser is conditioned on the prompt, and the saved keys. The rest of the
+# script asks the adapter and never tests a family's name, so adding a family is adding an adapter to FAMILIES.
+class StableDiffusion:
+    """SD 1.x and 2.x: one CLIP text encoder, whose last hidden state conditions the UNet (epsilon or v)."""
+
+    name = "sd"
+    pipeline = "StableDiffusionPipeline"
+    tokenizers = ("tokenizer",)  # subfolders, in the order of the text encoders
+    text_encoders = (("text_encoder", "CLIPTextModel"),)  # (subfolder, transformers class)
+    # The inference pipeline's parts this script does not load.
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def keys(self, placeholder_token: str) -> list[str]:
+        """Names of the saved tensors, one per text encoder: diffusers' `{token: T}`."""
+        return [placeholder_token]
+
+    def encode(self, text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids `[batch, 1, 77]` -> (the UNet's encoder hidden states, no pooled embedding)."""
+        return text_encoders[0](input_ids[:, 0])[0], None
+
+    def size_conditions(self, images: TrainingImages) -> torch.Tensor | None:
+        return None
+
+    def added_conditions(self, pooled, size_conditions, dtype: torch.dtype) -> dict | None:
+        return None
+
+
+class StableDiffusionXL:
+    """SDXL: two CLIP text encoders side by side, plus the pooled text embedding and each image's size conditions."""
+
+    name = "sdxl"
+    pipeline = "StableDiffusionXLPipeline"
+    tokenizers = ("tokenizer", "tokenizer_2")
+    # The second one also gives the pooled projection the SDXL UNet is conditioned on.
+    text_encoders = (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection"))
+    pipeline_extras: dict = {}
+
+    def keys(self, placeholder_token: str) -> list[str]:
+        """kohya's, AUTOMATIC1111's, ComfyUI's and InvokeAI's SDXL format."""
+        return ["clip_l", "clip_g"]
+
+    def encode(self, text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both encoders' penultimate hidden states side by side, and the second encoder's pooled projection (the
+        UNet's `text_embeds`), as StableDiffusionXLPipeline.encode_prompt computes them."""
+        outputs = [encoder(input_ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
+        return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1][0]
+
+    def size_conditions(self, images: TrainingImages) -> torch.Tensor | None:
+        return sdxl_time_ids(images)
+
+    def added_conditions(self, pooled, size_conditions, dtype: torch.dtype) -> dict | None:
+        """The pooled text embedding and (original size, crop, target size) per image."""
+        return {"text_embeds": pooled.to(dtype), "time_ids": size_conditions.to(dtype)}
+
+
+# model_index.json's _class_name -> the adapter this script trains it with.
+FAMILIES = {family.pipeline: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILY_NAMES = {family.name: family for family in FAMILIES.values()}
+
+
 class PromptEncoder(torch.nn.Module):
-    """The text encoder(s) as the UNet consumes them; it holds every trainable tensor, so DDP wraps this one module.
+    """The text encoder(s) as the denoiser consumes them (the family's `encode`); it holds every trainable tensor, so
+    DDP wraps this one module."""
 
-    SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate hidden states side by side, plus the second
-    encoder's pooled projection (the UNet's `text_embeds`), as StableDiffusionXLPipeline.encode_prompt computes them.
-    """
-
-    def __init__(self, text_encoders: Sequence[torch.nn.Module]):
+    def __init__(self, text_encoders: Sequence[torch.nn.Module], family):
         super().__init__()
         self.text_encoders = torch.nn.ModuleList(text_encoders)
+        self.family = family
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids `[batch, num_text_encoders, 77]` -> (encoder hidden states, pooled embedding or None)."""
-        if len(self.text_encoders) == 1:
-            return self.text_encoders[0](input_ids[:, 0])[0], None
-        outputs = [encoder(input_ids[:, i], output_hidden_states=True) for i, encoder in enumerate(self.text_encoders)]
-        return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1][0]
-
-
-def embeds_keys(placeholder_token: str, num_text_encoders: int) -> list[str]:
-    """Names of the saved tensors: `{token: T}` for one text encoder (diffusers' format), SDXL's `clip_l`/`clip_g`
-    (kohya's, AUTOMATIC1111's, ComfyUI's and InvokeAI's format) for two."""
-    return [placeholder_token] if num_text_encoders == 1 else ["clip_l", "clip_g"]
+        return self.family.encode(self.text_encoders, input_ids)
 
 
 # ---- Templates and data ----------------------------------------------------------------------------------------------
@@ -1007,7 +1056,7 @@ def app_layout(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_learned_embeds(embeds: dict[str, torch.Tensor], path: str | Path, safe_serialization: bool = True,
                         metadata: dict[str, str] | None = None) -> None:
-    """Write `{name: float32 [num_vectors, dim]}` (see embeds_keys), with the run's metadata in a .safetensors.
+    """Write `{name: float32 [num_vectors, dim]}` (see the families' `keys`), with the run's metadata in a .safetensors.
 
     Written to a temporary name and renamed, so a crash never leaves a file that exists but does not load.
     """
@@ -1114,7 +1163,7 @@ def model_load_error(args: argparse.Namespace, what: str, error: Exception) -> U
 
 
 def pipeline_family(args: argparse.Namespace) -> str:
-    """'sd' (SD 1.x and 2.x: one CLIP text encoder) or 'sdxl' (two), read from the pipeline's model_index.json."""
+    """The family's name ('sd' for SD 1.x and 2.x, 'sdxl'), read from the pipeline's model_index.json."""
     from diffusers import DiffusionPipeline
 
     name = args.pretrained_model_name_or_path
@@ -1122,27 +1171,25 @@ def pipeline_family(args: argparse.Namespace) -> str:
         class_name = DiffusionPipeline.load_config(name, revision=args.revision).get("_class_name")
     except (OSError, ValueError) as e:
         raise model_load_error(args, "its model_index.json", e) from None
-    if class_name not in PIPELINE_FAMILIES:
+    if class_name not in FAMILIES:
         raise UsageError(f"--pretrained_model_name_or_path {name} is a {class_name}; this script trains "
-                         f"{' and '.join(PIPELINE_FAMILIES)} models (SD 1.x, 2.x and SDXL)")
-    return PIPELINE_FAMILIES[class_name]
+                         f"{' and '.join(FAMILIES)} models (SD 1.x, 2.x and SDXL)")
+    return FAMILIES[class_name].name
 
 
 def load_models(args: argparse.Namespace, family: str):
     """Scheduler, text encoder(s), VAE and UNet: the ordinary from_pretrained path, local folder or hub id alike."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     source = dict(revision=args.revision, variant=args.variant)
     name = args.pretrained_model_name_or_path
     subfolder = "scheduler"
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder=subfolder, revision=args.revision)
-        subfolder = "text_encoder"
-        text_encoders = [CLIPTextModel.from_pretrained(name, subfolder=subfolder, **source)]
-        if family == "sdxl":  # the second one also gives the pooled projection the SDXL UNet is conditioned on
-            subfolder = "text_encoder_2"
-            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(name, subfolder=subfolder, **source))
+        text_encoders = []
+        for subfolder, class_name in FAMILY_NAMES[family].text_encoders:
+            text_encoders.append(getattr(transformers, class_name).from_pretrained(name, subfolder=subfolder, **source))
         subfolder = "vae"
         vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder, **source)
         subfolder = "unet"
@@ -1153,16 +1200,16 @@ def load_models(args: argparse.Namespace, family: str):
 
 
 def load_tokenizers(args: argparse.Namespace, family: str) -> list:
-    """The pipeline's tokenizer (SD) or two tokenizers (SDXL); --tokenizer_name replaces an SD pipeline's."""
+    """The pipeline's tokenizer(s), one per text encoder; --tokenizer_name replaces a one-tokenizer pipeline's."""
     from transformers import CLIPTokenizer
 
-    if args.tokenizer_name and family == "sdxl":
+    subfolders = FAMILY_NAMES[family].tokenizers
+    if args.tokenizer_name and len(subfolders) > 1:
         raise UsageError("--tokenizer_name is for SD 1.x/2.x pipelines; SDXL's two tokenizers come from the pipeline")
     name = args.tokenizer_name or args.pretrained_model_name_or_path
     try:
         if args.tokenizer_name:
             return [CLIPTokenizer.from_pretrained(name)]
-        subfolders = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
         return [CLIPTokenizer.from_pretrained(name, subfolder=sub, revision=args.revision) for sub in subfolders]
     except (OSError, ValueError) as e:  # not found, offline, no tokenizer folder: say which, without a traceback
         if args.tokenizer_name:
@@ -1236,10 +1283,8 @@ def training_loss(batch: dict, models: Models, generator: torch.Generator,
                                                            device=device, dtype=latents.dtype)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps).to(models.weight_dtype)
     encoder_hidden_states, pooled = models.prompt_encoder(batch["input_ids"].to(device))
-    added_conditions = None
-    if pooled is not None:  # SDXL: pooled text embedding and (original size, crop, target size) per image
-        added_conditions = {"text_embeds": pooled.to(models.weight_dtype),
-                            "time_ids": models.time_ids[batch["image_index"].to(device)].to(models.weight_dtype)}
+    size_conditions = None if models.time_ids is None else models.time_ids[batch["image_index"].to(device)]
+    added_conditions = FAMILY_NAMES[models.family].added_conditions(pooled, size_conditions, models.weight_dtype)
     model_pred = models.unet(noisy_latents, timesteps, encoder_hidden_states.to(models.weight_dtype),
                              added_cond_kwargs=added_conditions).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
@@ -1629,7 +1674,7 @@ def validation_pipeline(args, accelerator, models: Models):
 
 def embedding_record(models: Models, placeholder_token: str, with_words: bool) -> dict:
     """The vectors' telemetry per text encoder (keyed as saved), and their nearest words."""
-    keys = embeds_keys(placeholder_token, len(models.embeddings))
+    keys = FAMILY_NAMES[models.family].keys(placeholder_token)
     record = {"norm_ratio": {}, "cosine_to_init": {}}
     for key, embedding in zip(keys, models.embeddings):
         telemetry = embedding.telemetry()
@@ -1681,20 +1726,19 @@ def validate(run: Run, step: int) -> dict:
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, FAMILY_NAMES[family].pipeline)
 
 
 def pipeline_parts(accelerator, models: Models) -> dict:
     """The components this run has in memory, as from_pretrained keyword arguments (the scheduler is reloaded)."""
     encoders = accelerator.unwrap_model(models.prompt_encoder).text_encoders
-    suffixes = ["", "_2"][: len(encoders)]
+    suffixes = [""] + [f"_{i}" for i in range(2, len(encoders) + 1)]  # text_encoder, text_encoder_2, ...
     parts = {"unet": models.unet, "vae": models.vae}
     parts.update({f"text_encoder{suffix}": encoder for suffix, encoder in zip(suffixes, encoders)})
     parts.update({f"tokenizer{suffix}": tokenizer for suffix, tokenizer in zip(suffixes, models.tokenizers)})
-    if models.family == "sd":
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts.update(FAMILY_NAMES[models.family].pipeline_extras)
     return parts
 
 
@@ -1729,7 +1773,7 @@ class LossOptions:
 class Models:
     """The frozen pipeline parts and the trainable vectors, as prepared for this process."""
 
-    family: str  # "sd" (SD 1.x/2.x) or "sdxl"
+    family: str  # the adapter's name in FAMILY_NAMES: "sd" (SD 1.x/2.x) or "sdxl"
     tokenizers: list  # one per text encoder
     prompt_encoder: torch.nn.Module  # PromptEncoder, DDP-wrapped when there are several processes
     vae: torch.nn.Module
@@ -1743,7 +1787,7 @@ class Models:
 
     def embeds(self, placeholder_token: str) -> dict[str, torch.Tensor]:
         """The vectors as they are saved: `{token: T}`, or SDXL's `{"clip_l": T, "clip_g": T}`."""
-        keys = embeds_keys(placeholder_token, len(self.embeddings))
+        keys = FAMILY_NAMES[self.family].keys(placeholder_token)
         return {key: embedding.vectors for key, embedding in zip(keys, self.embeddings)}
 
 
@@ -2108,7 +2152,7 @@ def main(args: argparse.Namespace) -> TrainResult:
 class Inputs:
     """The user's input, checked and tokenized (once per tokenizer) before any model weights load."""
 
-    family: str  # "sd" or "sdxl"
+    family: str  # the adapter's name in FAMILY_NAMES: "sd" or "sdxl"
     tokenizers: list
     placeholder_token_ids: list[list[int]]  # per tokenizer
     initializer_ids: list[list[int]]  # per tokenizer
@@ -2198,13 +2242,15 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
         # The same 3-5 images would otherwise go through the VAE encoder at every step (~15% of an SD step).
         latents.cache()
         logger.info(f"Cached the VAE posterior of {len(inputs.images)} image(s) x 2 flips")
-    time_ids = sdxl_time_ids(inputs.images).to(accelerator.device) if inputs.family == "sdxl" else None
+    family = FAMILY_NAMES[inputs.family]
+    time_ids = family.size_conditions(inputs.images)
+    time_ids = None if time_ids is None else time_ids.to(accelerator.device)
     mask_weights = None
     if inputs.images.masks is not None:
         weights = latent_loss_weights(inputs.images.masks, vae_factor(vae.config))
         mask_weights = [w.to(accelerator.device) for w in weights]
     loss = LossOptions(mask_weights, args.snr_gamma, args.noise_offset, args.embedding_reg_weight)
-    return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders), vae, unet, noise_scheduler,
+    return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders, family), vae, unet, noise_scheduler,
                   embeddings, weight_dtype, latents, time_ids, loss)
 
 

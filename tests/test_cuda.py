@@ -148,18 +148,18 @@ def test_validation_images_render_under_autocast(request, family, precision, con
     """The vectors are fp32 and the text encoder fp16/bf16: the pipeline only runs under autocast."""
     from PIL import Image
 
-    calls = []  # (autocast on, its dtype) at each UNet call while validating
-    validate = tti.run_validation
+    calls = []  # (autocast on, its dtype) at each UNet call while drawing the validation images
+    draw = tti.draw_validation_images
 
-    def validate_and_watch(args, accelerator, models, *rest):
-        hook = models.unet.register_forward_pre_hook(
+    def draw_and_watch(pipeline, *rest):
+        hook = pipeline.unet.register_forward_pre_hook(
             lambda module, inputs: calls.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))))
         try:
-            return validate(args, accelerator, models, *rest)
+            return draw(pipeline, *rest)
         finally:
             hook.remove()
 
-    monkeypatch.setattr(tti, "run_validation", validate_and_watch)
+    monkeypatch.setattr(tti, "draw_validation_images", draw_and_watch)
     pipeline = request.getfixturevalue(PIPELINES[family])
     result = run(pipeline, concept_dir, tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "2",
                  "--validation_prompt", "a photo of <cat-toy>", "--validation_steps", "2",
@@ -167,8 +167,8 @@ def test_validation_images_render_under_autocast(request, family, precision, con
     assert calls, "validation did not run the UNet"
     assert set(calls) == {(True, DTYPES[precision])}
     grid = np.asarray(Image.open(result.output_path.parent / "validation" / "step-2.png").convert("RGB"))
-    assert grid.shape == (32, 64, 3)  # two 32 px images side by side
-    for image in (grid[:, :32], grid[:, 32:]):  # NaN latents decode to one flat colour
+    assert grid.shape == (64, 64, 3)  # a row per prompt (reconstruction, then this one), two 32 px images each
+    for image in (grid[y:y + 32, x:x + 32] for y in (0, 32) for x in (0, 32)):  # NaN latents decode to a flat colour
         assert image.std() > 0
 
 
