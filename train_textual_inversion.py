@@ -1701,9 +1701,10 @@ def validate(run: Run, step: int) -> dict:
     if validator.prompts:
         if validator.pipeline is None:
             validator.pipeline = validation_pipeline(args, accelerator, models)
-        expanded = [expand_placeholder(p, args.placeholder_token, args.num_vectors) for p in validator.prompts]
-        rows = draw_validation_images(validator.pipeline, expanded, args.num_validation_images, args.resolution,
-                                      run.seed, models.weight_dtype, args.validation_guidance_scale,
+        # Not expanded here: the pipeline writes out a multi-vector token itself (TextualInversionLoaderMixin), as it
+        # will for users, and expanding twice would turn "<t> <t>_1" into "<t> <t>_1 <t> <t>_1_1".
+        rows = draw_validation_images(validator.pipeline, validator.prompts, args.num_validation_images,
+                                      args.resolution, run.seed, models.weight_dtype, args.validation_guidance_scale,
                                       args.validation_inference_steps)
         path = Path(args.output_dir, "validation", f"step-{step}.png")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,8 +94,8 @@ def test_pipeline_is_small_and_draws_what_captions_say(judge):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The `make demo` training run (same flags: caption templates, captions beside the images), in-process: about
-    10 s of CPU."""
+    """The `make demo` training run (same flags: caption templates, captions beside the images, validation scored by
+    the toy CLIP every 50 steps), in-process: about 20 s of CPU."""
     import train_textual_inversion as tti
 
     out = tmp_path_factory.mktemp("toy-demo")
@@ -106,6 +106,9 @@ def demo_run(tmp_path_factory):
         "--train_batch_size", "4",
         "--max_train_steps", "200", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--seed", "0",
         "--report_to", "none", "--output_dir", str(out),
+        "--validation_prompt", "a photo of a <toy-concept> on a pink background",
+        "--validation_prompt", "a photo of a small <toy-concept>", "--validation_guidance_scale", "5",
+        "--validation_steps", "50", "--clip_model_name_or_path", str(TOY / "clip"),
     ]))
     return out
 
@@ -117,7 +120,7 @@ def test_textual_inversion_beats_the_initializer_on_the_judge(demo_run, judge):
     from generate import load_learned_embeds
 
     pipeline = ev.load_pipeline(PIPELINE)
-    tokens = load_learned_embeds(pipeline, demo_run / "learned_embeds.safetensors")
+    tokens = load_learned_embeds(pipeline, demo_run / "learned_embeds-best.safetensors")  # what make demo judges
     result = ev.evaluate(pipeline, judge, tokens[0], "triangle", ev.CONCEPT, [], num_images=8, seed=0, steps=20,
                          num_vectors=2)
     recon, edit = result["reconstruction"], result["editability"]

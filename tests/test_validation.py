@@ -277,3 +277,56 @@ def test_bad_clip_model_and_patience_are_one_line_errors(run_training, tmp_path,
         tti.parse_args(train_argv(tiny_pipeline, concept_dir, tmp_path / "o", "--early_stopping_patience", "0"))
     with pytest.raises(tti.UsageError, match="--clip_model_name_or_path .* cannot be loaded as a transformers CLIPModel"):
         run_training("--clip_model_name_or_path", str(tiny_pipeline))  # a folder, but not a CLIP model
+
+
+def test_which_step_replays_early_stopping_as_the_trainer_does(monkeypatch):
+    """examples/toy_world/which_step.py judges early stopping by replaying report.json: its replay must stop where
+    the trainer's ScoreHistory stops, and keep the same step."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "examples" / "toy_world"))
+    import which_step
+
+    scores = [0.5, 0.7, 0.6, 0.65, 0.8, 0.7, 0.75, 0.6, 0.9, 0.1]
+    records = [{"step": 100 * (i + 1), "clip_i": s, "clip_t": 0.0, "validation_loss": 0.1} for i, s in enumerate(scores)]
+    for patience in (1, 2, 3, 5):
+        history, stop = tti.ScoreHistory("rule"), None
+        for record in records:
+            history.add(record, {"<t>": torch.zeros(1, 2)})
+            if history.validations_since_best() >= patience and record["step"] < which_step.STEPS:
+                stop = record["step"]
+                break
+        replayed = which_step.early_stop(records, patience)
+        assert replayed == (stop or records[-1]["step"], history.best["step"]), patience
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_validation_prompts_carry_each_placeholder_token_once(request, family, concept_dir, tmp_path, monkeypatch):
+    """A multi-vector token reaches the text encoder(s) as its N tokens, once each: the pipeline writes it out
+    itself (as after load_textual_inversion), so the trainer must not expand it first."""
+    from conftest import train_argv
+
+    pipeline_dir = request.getfixturevalue("tiny_pipeline" if family == "sd" else "tiny_sdxl_pipeline")
+    seen = []
+    draw = tti.draw_validation_images
+
+    def draw_and_watch(pipeline, *rest):
+        encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])
+        hooks = [e.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+            (kwargs.get("input_ids", args[0] if args else None)).tolist()), with_kwargs=True) for e in encoders]
+        try:
+            return draw(pipeline, *rest)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(tti, "draw_validation_images", draw_and_watch)
+    tti.main(tti.parse_args(train_argv(pipeline_dir, concept_dir, tmp_path / "out", "--num_vectors", "3",
+                                       "--max_train_steps", "1", "--num_validation_images", "1",
+                                       "--validation_prompt", "a photo of a <cat-toy> on the beach")))
+    prompt_rows = [row for batch in seen for row in batch if any(i >= 49408 for i in row)]
+    assert prompt_rows  # the reconstruction and the edit prompt, in every text encoder
+    for row in prompt_rows:
+        assert sorted(i for i in row if i >= 49408) == [49408, 49409, 49410]
