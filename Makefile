@@ -30,7 +30,8 @@ $(TINY_PIPELINE)/model_index.json: | $(VENV)/.installed
 # The held-out concept (a purple striped triangle, which no single word names) in 5 images, taught to the pretrained
 # toy-world pipeline, then judged (examples/toy_world/evaluate.py) against the initializer word and a random vector.
 # Each image's caption names what is incidental ("large {} on a white background"); the recipe that did best in
-# examples/toy_world/recipes.py's comparison (README: "Telling the trainer what the concept is").
+# examples/toy_world/recipes.py's comparison (README: "Telling the trainer what the concept is"). Every 50 steps the
+# toy CLIP scores the validation images; the step kept is learned_embeds-best (README: "Which step to keep").
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_OUT)
 	$(ACCELERATE) train_textual_inversion.py \
@@ -39,11 +40,13 @@ demo: $(VENV)/.installed
 	  --templates=examples/toy_world/caption_templates.txt --caption_extension=.txt --resolution=32 \
 	  --train_batch_size=4 --max_train_steps=200 --learning_rate=1e-2 --lr_warmup_steps=0 \
 	  --checkpointing_steps=100 --checkpoints_total_limit=1 --seed=0 \
-	  --validation_prompt="a photo of a <toy-concept> on a pink background" --validation_steps=100 \
-	  --output_dir=$(DEMO_OUT)
+	  --validation_prompt="a photo of a <toy-concept> on a pink background" \
+	  --validation_prompt="a photo of a small <toy-concept>" --validation_guidance_scale=5 --validation_steps=50 \
+	  --clip_model_name_or_path=examples/toy_world/clip --output_dir=$(DEMO_OUT)
 	$(PY) examples/toy_world/evaluate.py --pretrained_model_name_or_path=$(PIPELINE) \
-	  --learned_embeds=$(DEMO_OUT) --output_json=$(DEMO_OUT)/eval.json --images=$(DEMO_OUT)/eval.png
-	@echo "learned: $(DEMO_OUT)/learned_embeds.safetensors  judged: $(DEMO_OUT)/eval.json  picture: $(DEMO_OUT)/eval.png"
+	  --learned_embeds=$(DEMO_OUT)/learned_embeds-best.safetensors --output_json=$(DEMO_OUT)/eval.json \
+	  --images=$(DEMO_OUT)/eval.png
+	@echo "kept: $(DEMO_OUT)/learned_embeds-best.safetensors (why: $(DEMO_OUT)/report.png)  judged: $(DEMO_OUT)/eval.json  picture: $(DEMO_OUT)/eval.png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider

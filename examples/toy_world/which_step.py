@@ -157,13 +157,15 @@ def cell(run: Path, concept: dict[str, str], seed: int, judged: dict, validation
                         for r in validations for s in [r["step"]]}}
     row["within_0.1"] = (row["judged_best_reconstruction"] - row["chosen_reconstruction"] <= 0.1 + 1e-9
                          and row["judged_best_editability"] - row["chosen_editability"] <= 0.1 + 1e-9)
+    best_mean = max((recon[s] + edit[s]) / 2 for s in recon)
     for patience in PATIENCES:
         stop, kept = early_stop(validations, patience)
         quality = (recon[kept] + edit[kept]) / 2
         full = (recon[chosen] + edit[chosen]) / 2
         row[f"patience_{patience}"] = {"stop": stop, "kept": kept, "saved": 1 - stop / STEPS,
                                        "reconstruction": recon[kept], "editability": edit[kept],
-                                       "judged_loss_vs_full_run": full - quality}
+                                       "judged_loss_vs_full_run": full - quality,
+                                       "judged_loss_vs_judged_best": best_mean - quality}
     return row
 
 
@@ -179,15 +181,32 @@ def markdown(rows: list[dict], num_images: int) -> str:
                      f"{r['chosen_editability']:.2f} | {'yes' if r['within_0.1'] else 'no'} | {r['by_validation_loss']}: "
                      f"{r['by_validation_loss_reconstruction']:.2f} / {r['by_validation_loss_editability']:.2f} | "
                      f"{r['last_reconstruction']:.2f} / {r['last_editability']:.2f} |")
+    def mean(key, sub=None):
+        return sum(r[key] if sub is None else r[key][sub] for r in rows) / len(rows)
+
+    lines += ["", f"Means over the {len(rows)} runs: judged best {mean('judged_best_reconstruction'):.2f} / "
+              f"{mean('judged_best_editability'):.2f}; chosen {mean('chosen_reconstruction'):.2f} / "
+              f"{mean('chosen_editability'):.2f} (within 0.1 of the best on both in "
+              f"{sum(r['within_0.1'] for r in rows)} of {len(rows)}); lowest validation loss "
+              f"{mean('by_validation_loss_reconstruction'):.2f} / {mean('by_validation_loss_editability'):.2f}; last "
+              f"step {mean('last_reconstruction'):.2f} / {mean('last_editability'):.2f}."]
     lines += ["", "Early stopping (replayed from report.json): where it stops, the share of the 1,000 steps saved, and "
-              "what its best file is judged at (mean of reconstruction and editability) below the full run's chosen "
-              "step.", "", "| concept | seed | " + " | ".join(f"patience {p}: stop, saved, judged loss"
-                                                               for p in PATIENCES) + " |",
+              "how much lower its best file is judged (mean of reconstruction and editability) than the full run's "
+              "chosen step, and than the run's best judged save.", "",
+              "| concept | seed | " + " | ".join(f"patience {p}: stop, saved, judged loss vs chosen, vs best"
+                                                 for p in PATIENCES) + " |",
               "|---|---|" + "---|" * len(PATIENCES)]
     for r in rows:
         cells = [f"{r[f'patience_{p}']['stop']}, {r[f'patience_{p}']['saved']:.0%}, "
-                 f"{r[f'patience_{p}']['judged_loss_vs_full_run']:+.3f}" for p in PATIENCES]
+                 f"{r[f'patience_{p}']['judged_loss_vs_full_run']:+.3f}, "
+                 f"{r[f'patience_{p}']['judged_loss_vs_judged_best']:+.3f}" for p in PATIENCES]
         lines.append(f"| {r['concept']} | {r['seed']} | " + " | ".join(cells) + " |")
+    for p in PATIENCES:
+        runs = [r[f"patience_{p}"] for r in rows]
+        lines.append(f"\nPatience {p}: mean saved {sum(x['saved'] for x in runs) / len(runs):.0%} (at least 40% in "
+                     f"{sum(x['saved'] >= 0.4 for x in runs)} of {len(runs)} runs); judged loss vs the full run's "
+                     f"chosen step at most {max(x['judged_loss_vs_full_run'] for x in runs):+.3f}, vs the best judged "
+                     f"save at most {max(x['judged_loss_vs_judged_best'] for x in runs):+.3f}.")
     lines += ["", "Per step (judged reconstruction / editability; CLIP-I, CLIP-T; validation loss; largest norm ratio):", ""]
     for r in rows:
         lines.append(f"- **{r['concept']}, seed {r['seed']}**: " + "; ".join(
