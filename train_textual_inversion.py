@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from templates import TEMPLATES
+from validation_report import (SELECTION_RULE, SELECTION_RULE_WITHOUT_CLIP, ScoreHistory,
+                               describe_validation, write_report)
 
 __version__ = "0.1.0"
 
@@ -1486,8 +1488,6 @@ def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max
 # ---- Validation: which step to keep ------------------------------------------------------------------------------
 # Fractions of the training timesteps at which the validation loss is taken: the same ones at every validation.
 VALIDATION_LOSS_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
-SELECTION_RULE = "highest CLIP-I + CLIP-T"  # see step_score
-SELECTION_RULE_WITHOUT_CLIP = "lowest validation loss"
 
 
 def read_validation_prompts(values: Sequence[str] | None) -> list[str]:
@@ -1522,70 +1522,6 @@ def validation_prompts(edits: Sequence[str], reconstruction: str | None, placeho
     if not edits and scored:
         edits = [p.format(placeholder_token) for p in EDIT_PROMPTS[learnable_property]]
     return [reconstruction or RECONSTRUCTION_PROMPTS[learnable_property].format(placeholder_token), *edits]
-
-
-def step_score(record: dict) -> float | None:
-    """The number the best step maximises (SELECTION_RULE): CLIP-I + CLIP-T when there are CLIP scores, else minus
-    the validation loss."""
-    if record.get("clip_i") is not None and record.get("clip_t") is not None:
-        return record["clip_i"] + record["clip_t"]
-    if record.get("clip_i") is not None:
-        return record["clip_i"]
-    return -record["validation_loss"]
-
-
-def score_text(record: dict) -> str:
-    """What step_score saw, in words: "CLIP-I 0.812 + CLIP-T 0.271" or "validation loss 0.1655"."""
-    if record.get("clip_i") is None:
-        return f"validation loss {record['validation_loss']:.4f}"
-    text = f"CLIP-I {record['clip_i']:.3f}"
-    return text + (f" + CLIP-T {record['clip_t']:.3f}" if record.get("clip_t") is not None else "")
-
-
-def best_validation(validations: Sequence[dict]) -> tuple[int, str]:
-    """The rule (SELECTION_RULE): the index of the validation to keep, and why in words."""
-    scores = [step_score(record) for record in validations]
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the earliest of equals
-    return best, f"{score_text(validations[best])}, the best of {len(validations)} validation(s)"
-
-
-@dataclass
-class ScoreHistory:
-    """Every validation, the vectors at each, the training loss per step and the step chosen so far: report.json,
-    and in each checkpoint, so that a resumed run chooses among all of them."""
-
-    rule: str = SELECTION_RULE_WITHOUT_CLIP
-    validations: list[dict] = field(default_factory=list)
-    train_loss: list[list[float]] = field(default_factory=list)  # [step, loss]
-    best: dict | None = None  # {"step", "why"}
-    stopped_early: dict | None = None  # {"step", "why"}
-    # The vectors of every validated step (a few KB each), so the rule may choose any of them.
-    embeds: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-    def add(self, record: dict, embeds: dict[str, torch.Tensor]) -> bool:
-        """Record a validation; return whether the best step changed."""
-        self.validations.append(record)
-        self.embeds[record["step"]] = {key: v.detach().float().cpu().clone() for key, v in embeds.items()}
-        index, why = best_validation(self.validations)
-        changed = self.best is None or self.best["step"] != self.validations[index]["step"]
-        self.best = {"step": self.validations[index]["step"], "why": f"{self.rule}: {why}"}
-        return changed
-
-    @property
-    def best_embeds(self) -> dict[str, torch.Tensor] | None:
-        return self.embeds[self.best["step"]] if self.best else None
-
-    def validations_since_best(self) -> int:
-        return sum(1 for record in self.validations if record["step"] > self.best["step"]) if self.best else 0
-
-    def to_json(self) -> dict:
-        return {"rule": self.rule, "best": self.best, "stopped_early": self.stopped_early,
-                "train_loss": self.train_loss, "validations": self.validations}
-
-    @classmethod
-    def from_json(cls, data: dict, embeds: dict[int, dict[str, torch.Tensor]]) -> ScoreHistory:
-        return cls(data["rule"], data["validations"], data["train_loss"], data["best"], data["stopped_early"],
-                   embeds)
 
 
 @dataclass
@@ -1721,7 +1657,6 @@ def validate(run: Run, step: int) -> dict:
             record.update(clip_scores(validator.scorer, validator.reference_features,
                                       list(zip(validator.prompts, rows)), [args.placeholder_token]))
     models.prompt_encoder.train()
-    record["score"] = step_score(record)
     record["seconds"] = round(time.perf_counter() - started, 3)  # what validating costs (benchmarks/)
     return record
 
@@ -1860,27 +1795,6 @@ class Run:
 def is_validation_step(run: Run, done: int) -> bool:
     """Every --validation_steps, and the last step (a candidate for the best like any other)."""
     return done % run.validation_steps == 0 or done == run.max_train_steps
-
-
-def write_report(output_dir: Path, scores: ScoreHistory, placeholder_token: str, picture: bool = False) -> None:
-    """report.json (atomically: a reader never sees half of it) and, if asked, report.png."""
-    report = {"placeholder_token": placeholder_token, **scores.to_json()}
-    path = output_dir / "report.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
-    if picture:
-        from validation_report import draw_report
-
-        draw_report(report, output_dir)
-
-
-def describe_validation(record: dict, best: bool) -> str:
-    scores = [f"val loss {record['validation_loss']:.4f}"]
-    scores += [f"{name} {record[key]:.3f}" for key, name in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
-               if record.get(key) is not None]
-    where = record.get("images", "validation")
-    return f"{where} ({', '.join(scores)}{'; best so far' if best else ''})"
 
 
 def record_validation(run: Run, done: int, embeds: dict[str, torch.Tensor], metadata: dict) -> tuple[str, bool]:

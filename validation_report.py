@@ -1,6 +1,7 @@
-"""Validation extras for train_textual_inversion.py: CLIP scores for the validation images, and report.png.
+"""Validation extras for train_textual_inversion.py: the rule that picks the step to keep and the history it reads
+(report.json), CLIP scores for the validation images, and report.png.
 
-Both are optional and the trainer imports this module lazily, only when it validates.
+transformers is imported only for CLIP scoring, and the picture only at the end of a run.
 
 CLIP scores follow the paper's protocol (Gal et al., 2022, section 4.3):
 - CLIP-I (reconstruction): mean cosine between CLIP image features of the images drawn for "a photo of a <S*>" and
@@ -28,6 +29,96 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+
+# ---- Which step to keep: the rule, the history of validations, report.json ------------------------------------------
+SELECTION_RULE = "highest CLIP-I + CLIP-T"  # see step_score
+SELECTION_RULE_WITHOUT_CLIP = "lowest validation loss"
+
+
+def step_score(record: dict) -> float | None:
+    """The number the best step maximises (SELECTION_RULE): CLIP-I + CLIP-T when there are CLIP scores, else minus
+    the validation loss."""
+    if record.get("clip_i") is not None and record.get("clip_t") is not None:
+        return record["clip_i"] + record["clip_t"]
+    if record.get("clip_i") is not None:
+        return record["clip_i"]
+    return -record["validation_loss"]
+
+
+def score_text(record: dict) -> str:
+    """What step_score saw, in words: "CLIP-I 0.812 + CLIP-T 0.271" or "validation loss 0.1655"."""
+    if record.get("clip_i") is None:
+        return f"validation loss {record['validation_loss']:.4f}"
+    text = f"CLIP-I {record['clip_i']:.3f}"
+    return text + (f" + CLIP-T {record['clip_t']:.3f}" if record.get("clip_t") is not None else "")
+
+
+def best_validation(validations: Sequence[dict]) -> tuple[int, str]:
+    """The rule (SELECTION_RULE): the index of the validation to keep, and why in words."""
+    scores = [step_score(record) for record in validations]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the earliest of equals
+    return best, f"{score_text(validations[best])}, the best of {len(validations)} validation(s)"
+
+
+@dataclass
+class ScoreHistory:
+    """Every validation, the vectors at each, the training loss per step and the step chosen so far: report.json,
+    and in each checkpoint, so that a resumed run chooses among all of them."""
+
+    rule: str = SELECTION_RULE_WITHOUT_CLIP
+    validations: list[dict] = field(default_factory=list)
+    train_loss: list[list[float]] = field(default_factory=list)  # [step, loss]
+    best: dict | None = None  # {"step", "why"}
+    stopped_early: dict | None = None  # {"step", "why"}
+    # The vectors of every validated step (a few KB each), so the rule may choose any of them.
+    embeds: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, record: dict, embeds: dict[str, torch.Tensor]) -> bool:
+        """Record a validation (with its step_score); return whether the best step changed."""
+        record["score"] = step_score(record)
+        self.validations.append(record)
+        self.embeds[record["step"]] = {key: v.detach().float().cpu().clone() for key, v in embeds.items()}
+        index, why = best_validation(self.validations)
+        changed = self.best is None or self.best["step"] != self.validations[index]["step"]
+        self.best = {"step": self.validations[index]["step"], "why": f"{self.rule}: {why}"}
+        return changed
+
+    @property
+    def best_embeds(self) -> dict[str, torch.Tensor] | None:
+        return self.embeds[self.best["step"]] if self.best else None
+
+    def validations_since_best(self) -> int:
+        return sum(1 for record in self.validations if record["step"] > self.best["step"]) if self.best else 0
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "best": self.best, "stopped_early": self.stopped_early,
+                "train_loss": self.train_loss, "validations": self.validations}
+
+    @classmethod
+    def from_json(cls, data: dict, embeds: dict[int, dict[str, torch.Tensor]]) -> ScoreHistory:
+        return cls(data["rule"], data["validations"], data["train_loss"], data["best"], data["stopped_early"],
+                   embeds)
+
+
+def write_report(output_dir: Path, scores: ScoreHistory, placeholder_token: str, picture: bool = False) -> None:
+    """report.json (atomically: a reader never sees half of it) and, if asked, report.png."""
+    report = {"placeholder_token": placeholder_token, **scores.to_json()}
+    path = output_dir / "report.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+    if picture:
+        draw_report(report, output_dir)
+
+
+def describe_validation(record: dict, best: bool) -> str:
+    """The validation's part of the step's log line."""
+    scores = [f"val loss {record['validation_loss']:.4f}"]
+    scores += [f"{name} {record[key]:.3f}" for key, name in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+               if record.get(key) is not None]
+    where = record.get("images", "validation")
+    return f"{where} ({', '.join(scores)}{'; best so far' if best else ''})"
 
 
 # ---- CLIP scoring ----------------------------------------------------------------------------------------------------

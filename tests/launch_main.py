@@ -49,7 +49,9 @@ if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK", "0"):
 # TEST_SCORE_BY_STEP=1: every validation scores worse than the one before (the first stays the best), so that
 # --early_stopping_patience stops at a known step.
 if os.environ.get("TEST_SCORE_BY_STEP"):
-    tti.step_score = lambda record: -record["step"]
+    import validation_report
+
+    validation_report.step_score = lambda record: -record["step"]
 result_dir = Path(sys.argv[1])
 result = tti.main(tti.parse_args(sys.argv[2:]))
 rank = int(os.environ.get("RANK", 0))  # the process group is gone after end_training()

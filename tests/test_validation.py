@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_textual_inversion as tti
+import validation_report
 from test_training import base_embedding
 
 TOY_ID = 5988  # "toy</w>" in the CLIP vocabulary: the tests' initializer
@@ -111,20 +112,20 @@ def test_validation_prompts_from_flags_files_and_defaults(tmp_path):
 
 
 def test_score_history_keeps_the_best_and_counts_validations_since():
-    history = tti.ScoreHistory("rule")
+    history = validation_report.ScoreHistory("rule")
     scores = [0.5, 0.7, 0.6, 0.7]
     changed = [history.add({"step": 100 * (i + 1), "clip_i": s, "clip_t": 0.0, "validation_loss": 0.1},
                            {"<t>": torch.full((1, 2), float(i))}) for i, s in enumerate(scores)]
     assert changed == [True, True, False, False]  # a tie is not an improvement: the earlier step stays
     assert history.best["step"] == 200 and history.validations_since_best() == 2
     assert torch.equal(history.best_embeds["<t>"], torch.full((1, 2), 1.0))
-    again = tti.ScoreHistory.from_json(json.loads(json.dumps(history.to_json())), history.embeds)
+    again = validation_report.ScoreHistory.from_json(json.loads(json.dumps(history.to_json())), history.embeds)
     assert again.to_json() == history.to_json() and again.best_embeds is history.best_embeds
 
 
 def test_the_rule_adds_clip_i_and_clip_t_and_falls_back_to_the_validation_loss():
-    assert tti.step_score({"clip_i": 0.8, "clip_t": 0.3, "validation_loss": 0.2}) == pytest.approx(1.1)
-    assert tti.step_score({"clip_i": None, "clip_t": None, "validation_loss": 0.2}) == -0.2
+    assert validation_report.step_score({"clip_i": 0.8, "clip_t": 0.3, "validation_loss": 0.2}) == pytest.approx(1.1)
+    assert validation_report.step_score({"clip_i": None, "clip_t": None, "validation_loss": 0.2}) == -0.2
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_clip_scores_pick_a_best_step_whose_files_hold_that_steps_vectors(run_tr
                           "--validation_prompt", "a photo of <cat-toy> on the beach")
     out = result.output_path.parent
     report = read_report(out)
-    assert report["rule"] == tti.SELECTION_RULE
+    assert report["rule"] == validation_report.SELECTION_RULE
     records = report["validations"]
     assert [r["step"] for r in records] == [2, 4, 6]
     for record in records:
@@ -209,7 +210,7 @@ def test_clip_scores_pick_a_best_step_whose_files_hold_that_steps_vectors(run_tr
         assert record["prompts"] == ["a photo of a <cat-toy>", "a photo of <cat-toy> on the beach"]
         grid = Image.open(out / record["images"])
         assert grid.size == (2 * 32, 2 * 32)  # a row per prompt, an image per column
-        assert record["score"] == pytest.approx(tti.step_score(record))
+        assert record["score"] == pytest.approx(validation_report.step_score(record))
         assert len(record["nearest_words"]["<cat-toy>"][0]) == 5
     best = max(records, key=lambda r: r["score"])["step"]
     assert report["best"]["step"] == best
@@ -225,7 +226,7 @@ def test_clip_scores_pick_a_best_step_whose_files_hold_that_steps_vectors(run_tr
 
 
 def test_early_stopping_stops_with_a_checkpoint_and_resumes(run_training, tmp_path, monkeypatch):
-    monkeypatch.setattr(tti, "step_score", lambda record: -record["step"])  # every validation worse: best is the first
+    monkeypatch.setattr(validation_report, "step_score", lambda record: -record["step"])  # every validation worse: best is the first
     args = ("--max_train_steps", "12", "--validation_steps", "2", "--checkpointing_steps", "100")
     stopped = run_training(*args, "--early_stopping_patience", "2")
     out = stopped.output_path.parent
@@ -245,7 +246,7 @@ def test_early_stopping_stops_with_a_checkpoint_and_resumes(run_training, tmp_pa
 
 
 def test_resume_keeps_the_scores_and_rewrites_the_best_file(run_training, tmp_path, monkeypatch):
-    monkeypatch.setattr(tti, "step_score", lambda record: -abs(record["step"] - 4))  # best: step 4
+    monkeypatch.setattr(validation_report, "step_score", lambda record: -abs(record["step"] - 4))  # best: step 4
     args = ("--max_train_steps", "8", "--validation_steps", "2", "--checkpointing_steps", "2")
     whole = run_training(*args, out=tmp_path / "whole")
     cut = tmp_path / "cut"
@@ -292,7 +293,7 @@ def test_which_step_replays_early_stopping_as_the_trainer_does(monkeypatch):
     scores = [0.5, 0.7, 0.6, 0.65, 0.8, 0.7, 0.75, 0.6, 0.9, 0.1]
     records = [{"step": 100 * (i + 1), "clip_i": s, "clip_t": 0.0, "validation_loss": 0.1} for i, s in enumerate(scores)]
     for patience in (1, 2, 3, 5):
-        history, stop = tti.ScoreHistory("rule"), None
+        history, stop = validation_report.ScoreHistory("rule"), None
         for record in records:
             history.add(record, {"<t>": torch.zeros(1, 2)})
             if history.validations_since_best() >= patience and record["step"] < which_step.STEPS:

@@ -126,7 +126,7 @@ def rescore(run: Path, concept: dict[str, str], out: Path, clip: Path) -> list[d
 
 def early_stop(validations: list[dict], patience: int) -> tuple[int, int]:
     """(the step a run with this patience stops at, the best step it keeps): the trainer's rule replayed."""
-    from train_textual_inversion import step_score
+    from validation_report import step_score
 
     best, best_score, since = None, None, 0
     for record in validations:
