@@ -106,7 +106,8 @@ def test_validation_prompts_from_flags_files_and_defaults(tmp_path):
     with pytest.raises(tti.UsageError, match="has no prompts"):
         tti.read_validation_prompts([str(tmp_path / "empty.txt")])
     assert tti.validation_prompts([], None, "<t>", "object", scored=False) == []
-    assert tti.validation_prompts(["a <t> at sea"], None, "<t>", "object", False) == ["a photo of a <t>", "a <t> at sea"]
+    assert tti.validation_prompts(["a <t> at sea"], None, "<t>", "object", False) == ["a photo of a <t>",
+                                                                                        "a <t> at sea"]
     defaults = tti.validation_prompts([], "a <t> close up", "<t>", "style", scored=True)
     assert defaults[0] == "a <t> close up" and len(defaults) == 4 and all("<t>" in p for p in defaults)
 
@@ -226,7 +227,8 @@ def test_clip_scores_pick_a_best_step_whose_files_hold_that_steps_vectors(run_tr
 
 
 def test_early_stopping_stops_with_a_checkpoint_and_resumes(run_training, tmp_path, monkeypatch):
-    monkeypatch.setattr(validation_report, "step_score", lambda record: -record["step"])  # every validation worse: best is the first
+    # Every validation scores worse than the one before: the first stays the best.
+    monkeypatch.setattr(validation_report, "step_score", lambda record: -record["step"])
     args = ("--max_train_steps", "12", "--validation_steps", "2", "--checkpointing_steps", "100")
     stopped = run_training(*args, "--early_stopping_patience", "2")
     out = stopped.output_path.parent
@@ -276,7 +278,7 @@ def test_bad_clip_model_and_patience_are_one_line_errors(run_training, tmp_path,
 
     with pytest.raises(SystemExit):
         tti.parse_args(train_argv(tiny_pipeline, concept_dir, tmp_path / "o", "--early_stopping_patience", "0"))
-    with pytest.raises(tti.UsageError, match="--clip_model_name_or_path .* cannot be loaded as a transformers CLIPModel"):
+    with pytest.raises(tti.UsageError, match="--clip_model_name_or_path .* cannot be loaded as a transformers CLIP"):
         run_training("--clip_model_name_or_path", str(tiny_pipeline))  # a folder, but not a CLIP model
 
 
@@ -291,7 +293,8 @@ def test_which_step_replays_early_stopping_as_the_trainer_does(monkeypatch):
     import which_step
 
     scores = [0.5, 0.7, 0.6, 0.65, 0.8, 0.7, 0.75, 0.6, 0.9, 0.1]
-    records = [{"step": 100 * (i + 1), "clip_i": s, "clip_t": 0.0, "validation_loss": 0.1} for i, s in enumerate(scores)]
+    records = [{"step": 100 * (i + 1), "clip_i": s, "clip_t": 0.0, "validation_loss": 0.1}
+               for i, s in enumerate(scores)]
     for patience in (1, 2, 3, 5):
         history, stop = validation_report.ScoreHistory("rule"), None
         for record in records:

@@ -173,12 +173,14 @@ def markdown(rows: list[dict], num_images: int) -> str:
     lines = [f"Judged with {num_images} samples per prompt (evaluate.py: DPM-Solver++ 25 steps, guidance 5). "
              "Reconstruction / editability of: the judged best save (each maximised separately), the step the "
              "trainer chose (learned_embeds-best), the lowest validation loss, and the last step.", "",
-             "| concept | seed | judged best | chosen step | chosen judged | within 0.1 | lowest val loss: step, judged "
+             "| concept | seed | judged best | chosen step | chosen judged | within 0.1 "
+             "| lowest val loss: step, judged "
              "| last step judged |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['concept']} | {r['seed']} | {r['judged_best_reconstruction']:.2f} / "
                      f"{r['judged_best_editability']:.2f} | {r['chosen']} | {r['chosen_reconstruction']:.2f} / "
-                     f"{r['chosen_editability']:.2f} | {'yes' if r['within_0.1'] else 'no'} | {r['by_validation_loss']}: "
+                     f"{r['chosen_editability']:.2f} | {'yes' if r['within_0.1'] else 'no'} | "
+                     f"{r['by_validation_loss']}: "
                      f"{r['by_validation_loss_reconstruction']:.2f} / {r['by_validation_loss_editability']:.2f} | "
                      f"{r['last_reconstruction']:.2f} / {r['last_editability']:.2f} |")
     def mean(key, sub=None):
@@ -207,7 +209,8 @@ def markdown(rows: list[dict], num_images: int) -> str:
                      f"{sum(x['saved'] >= 0.4 for x in runs)} of {len(runs)} runs); judged loss vs the full run's "
                      f"chosen step at most {max(x['judged_loss_vs_full_run'] for x in runs):+.3f}, vs the best judged "
                      f"save at most {max(x['judged_loss_vs_judged_best'] for x in runs):+.3f}.")
-    lines += ["", "Per step (judged reconstruction / editability; CLIP-I, CLIP-T; validation loss; largest norm ratio):", ""]
+    lines += ["", "Per step (judged reconstruction / editability; CLIP-I, CLIP-T; validation loss; largest norm "
+              "ratio):", ""]
     for r in rows:
         lines.append(f"- **{r['concept']}, seed {r['seed']}**: " + "; ".join(
             f"{s}: {v['judged']['reconstruction']:.2f}/{v['judged']['editability']:.2f} "
