@@ -65,6 +65,30 @@ def concept_dir(tmp_path) -> Path:
     return folder
 
 
+def watch_frozen_rows(monkeypatch, original) -> list[bool]:
+    """After every optimizer step of the runs that follow: whether each text encoder's frozen embedding matrix still
+    equals `original` bit for bit (one bool per step)."""
+    import torch
+
+    checks = []
+    make = tti.make_optimizer_and_schedule
+
+    def make_checked(args, embeddings, *rest):
+        optimizer, scheduler = make(args, embeddings, *rest)
+        step = optimizer.step
+
+        def step_and_check(*a, **k):
+            out = step(*a, **k)
+            checks.append(all(torch.equal(e.frozen.weight, original) for e in embeddings))
+            return out
+
+        optimizer.step = step_and_check
+        return optimizer, scheduler
+
+    monkeypatch.setattr(tti, "make_optimizer_and_schedule", make_checked)
+    return checks
+
+
 def train_argv(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A fast, deterministic command line for the tiny pipeline; `extra` overrides earlier flags."""
     return [

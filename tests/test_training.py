@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_textual_inversion as tti
+from conftest import watch_frozen_rows
 
 VOCAB = 49408
 
@@ -20,24 +21,7 @@ def base_embedding(pipeline) -> torch.Tensor:
 
 
 def test_frozen_rows_bit_identical_after_every_step_with_weight_decay(run_training, tiny_pipeline, monkeypatch):
-    original = base_embedding(tiny_pipeline).clone()
-    checks = []
-    make = tti.make_optimizer_and_schedule
-
-    def make_checked(args, embeddings, *rest):
-        optimizer, scheduler = make(args, embeddings, *rest)
-        step = optimizer.step
-
-        def step_and_check(*a, **k):
-            out = step(*a, **k)
-            (embedding,) = embeddings
-            checks.append(torch.equal(embedding.frozen.weight, original))
-            return out
-
-        optimizer.step = step_and_check
-        return optimizer, scheduler
-
-    monkeypatch.setattr(tti, "make_optimizer_and_schedule", make_checked)
+    checks = watch_frozen_rows(monkeypatch, base_embedding(tiny_pipeline).clone())
     result = run_training("--adam_weight_decay", "0.5", "--max_train_steps", "3")
     assert checks == [True, True, True]
     assert result.history and len(result.history) == 3

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import train_textual_inversion as tti
 import validation_report
+from conftest import watch_frozen_rows
 from test_training import base_embedding
 
 TOY_ID = 5988  # "toy</w>" in the CLIP vocabulary: the tests' initializer
@@ -133,22 +134,7 @@ def test_the_rule_adds_clip_i_and_clip_t_and_falls_back_to_the_validation_loss()
 def test_norm_controls_keep_the_frozen_rows_and_do_what_they_say(run_training, tiny_pipeline, tmp_path, monkeypatch):
     original = base_embedding(tiny_pipeline).clone()
     start = original[TOY_ID]
-    frozen_checks = []
-    make = tti.make_optimizer_and_schedule
-
-    def make_checked(args, embeddings, *rest):
-        optimizer, scheduler = make(args, embeddings, *rest)
-        step = optimizer.step
-
-        def step_and_check(*a, **k):
-            out = step(*a, **k)
-            frozen_checks.append(all(torch.equal(e.frozen.weight, original) for e in embeddings))
-            return out
-
-        optimizer.step = step_and_check
-        return optimizer, scheduler
-
-    monkeypatch.setattr(tti, "make_optimizer_and_schedule", make_checked)
+    frozen_checks = watch_frozen_rows(monkeypatch, original)
     args = ("--max_train_steps", "8", "--num_vectors", "2")
     free = run_training(*args, out=tmp_path / "free")
     kept = run_training(*args, "--preserve_embedding_norm", out=tmp_path / "kept")
