@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -392,7 +392,6 @@ class PlaceholderEmbedding(torch.nn.Module):
         weight[: len(frozen)] = frozen
         weight[self.first_placeholder_id : end] = self.vectors.detach().to(weight.dtype)
         return weight
-
 
     def set_reference_norm(self, token_ids: Sequence[int]) -> None:
         """What the vectors' norms are compared with: the median norm of these vocabulary rows."""
@@ -1608,6 +1607,13 @@ def validation_pipeline(args, accelerator, models: Models):
     return pipeline
 
 
+def nearest_words_by_key(models: Models, placeholder_token: str) -> dict[str, list[list[str]]]:
+    """Each vector's 5 nearest vocabulary words, per text encoder (keyed as saved)."""
+    keys = FAMILY_NAMES[models.family].keys(placeholder_token)
+    return {key: nearest_words(e.vectors, e.frozen.weight, tokenizer)
+            for key, e, tokenizer in zip(keys, models.embeddings, models.tokenizers)}
+
+
 def embedding_record(models: Models, placeholder_token: str, with_words: bool) -> dict:
     """The vectors' telemetry per text encoder (keyed as saved), and their nearest words."""
     keys = FAMILY_NAMES[models.family].keys(placeholder_token)
@@ -1616,8 +1622,7 @@ def embedding_record(models: Models, placeholder_token: str, with_words: bool) -
         telemetry = embedding.telemetry()
         record["norm_ratio"][key], record["cosine_to_init"][key] = telemetry["norm_ratio"], telemetry["cosine_to_init"]
     if with_words:
-        record["nearest_words"] = {key: nearest_words(e.vectors, e.frozen.weight, tokenizer)
-                                   for key, e, tokenizer in zip(keys, models.embeddings, models.tokenizers)}
+        record["nearest_words"] = nearest_words_by_key(models, placeholder_token)
     return record
 
 
@@ -1797,9 +1802,9 @@ def is_validation_step(run: Run, done: int) -> bool:
     return done % run.validation_steps == 0 or done == run.max_train_steps
 
 
-def record_validation(run: Run, done: int, embeds: dict[str, torch.Tensor], metadata: dict) -> tuple[str, bool]:
+def record_validation(run: Run, done: int, embeds: dict[str, torch.Tensor], metadata: dict) -> tuple[dict, bool]:
     """Validate, keep the best step's files (learned_embeds-best and its named copy) and report.json up to date;
-    return what to log and whether --early_stopping_patience ends the run here."""
+    return the validation's record and whether --early_stopping_patience ends the run here."""
     args, scores = run.args, run.scores
     record = validate(run, done)
     run.accelerator.log({f"validation/{key}": record[key] for key in ("validation_loss", "clip_i", "clip_t")
@@ -1808,18 +1813,17 @@ def record_validation(run: Run, done: int, embeds: dict[str, torch.Tensor], meta
     if changed:  # usually to this step; a rule over the whole history may also go back to an earlier one
         save_result_files(scores.best_embeds, Path(args.output_dir), "-best", args.placeholder_token,
                           not args.no_safe_serialization, {**metadata, "step": str(scores.best["step"])})
-    best = scores.best["step"] == done
     patience = args.early_stopping_patience
-    stop = patience is not None and scores.validations_since_best() >= patience and done < run.max_train_steps
+    stop = scores.patience_spent(patience) and done < run.max_train_steps
     if stop:
         scores.stopped_early = {"step": done, "why": f"no better score ({scores.rule}) in the {patience} "
                                                      f"validation(s) after step {scores.best['step']}"}
     write_report(Path(args.output_dir), scores, args.placeholder_token)
-    return describe_validation(record, best), stop
+    return record, stop
 
 
-def words_summary(models: Models, placeholder_token: str) -> str:
-    words = embedding_record(models, placeholder_token, with_words=True)["nearest_words"]
+def words_summary(words: dict[str, list[list[str]]]) -> str:
+    """nearest_words_by_key in one line."""
     return "; ".join(f"{key if len(words) > 1 else 'vector'} {i}: {', '.join(row)}"
                      for key, rows in words.items() for i, row in enumerate(rows))
 
@@ -1830,15 +1834,14 @@ def save_step_outputs(run: Run, done: int, force_checkpoint: bool = False) -> bo
     args, accelerator = run.args, run.accelerator
     output_dir, safe = Path(args.output_dir), not args.no_safe_serialization
     embeds, metadata = run.models.embeds(args.placeholder_token), embeds_metadata(args, done)
-    written, validated, stop_early = [], [], False
+    written, validation, stop_early = [], None, False
     if is_validation_step(run, done) and not force_checkpoint:  # first: the checkpoint keeps its scores
-        description, stop_early = record_validation(run, done, embeds, metadata)
-        validated.append(description)
+        validation, stop_early = record_validation(run, done, embeds, metadata)
         force_checkpoint = force_checkpoint or stop_early  # an early stop resumes like any other
     if done % args.save_steps == 0:
         paths = save_result_files(embeds, output_dir, f"-steps-{done}", args.placeholder_token, safe, metadata)
-        written.append(f"{' and '.join(p.name for p in paths)} (nearest words: "
-                       f"{words_summary(run.models, args.placeholder_token)})")
+        words = validation["nearest_words"] if validation else nearest_words_by_key(run.models, args.placeholder_token)
+        written.append(f"{' and '.join(p.name for p in paths)} (nearest words: {words_summary(words)})")
     if done % args.checkpointing_steps == 0 or force_checkpoint:
         state = {"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
@@ -1847,8 +1850,10 @@ def save_step_outputs(run: Run, done: int, force_checkpoint: bool = False) -> bo
         path = save_checkpoint(output_dir, done, embeds, state, training_state, args.checkpoints_total_limit,
                                metadata)
         written.append(path.name)
-    if written or validated:
-        logger.info(f"Step {done}: saved {', '.join(written + validated)}")
+    if validation:
+        written.append(describe_validation(validation, run.scores.best["step"] == done))
+    if written:
+        logger.info(f"Step {done}: saved {', '.join(written)}")
     return stop_early
 
 
@@ -1858,12 +1863,6 @@ def agree_to_stop(accelerator, stop: bool) -> bool:
 
     flag = broadcast(torch.tensor([float(stop)], device=accelerator.device), from_process=0)
     return bool(flag.item())
-
-
-def patience_spent(run: Run) -> bool:
-    """A resumed run that had already stopped early, with the same patience: nothing more to train."""
-    patience = run.args.early_stopping_patience
-    return patience is not None and run.scores.best is not None and run.scores.validations_since_best() >= patience
 
 
 def step_telemetry(models: Models, placeholder_token: str) -> dict[str, float]:
@@ -1882,7 +1881,7 @@ def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dic
 
     accelerator, models, optimizer, lr_scheduler = run.accelerator, run.models, run.optimizer, run.lr_scheduler
     history, stopped_by = [], 0
-    if patience_spent(run):
+    if run.scores.patience_spent(run.args.early_stopping_patience):  # a resume of a run that stopped early
         logger.info(f"Stopped early at step {first_step} already ({run.scores.stopped_early['why']}); raise "
                     "--early_stopping_patience or drop it to train on")
         return history, 0
@@ -2074,6 +2073,7 @@ class Inputs:
     template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, 77], or [num_images, ...] with captions
     per_image_prompts: bool  # captions: each image has its own prompts
     images: TrainingImages  # decoded and framed (square or bucket), with masks and sizes
+    validation_prompts: list[str]  # validation_prompts(): the reconstruction prompt first; empty: no images
 
 
 def prepare_inputs(args: argparse.Namespace) -> Inputs:
@@ -2082,8 +2082,9 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     tokenizers = load_tokenizers(args, family)
     placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors) for t in tokenizers]
     initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
-    prompts = [("--validation_prompt", p) for p in read_validation_prompts(args.validation_prompt)]
-    for flag, prompt in prompts + [("--reconstruction_prompt", args.reconstruction_prompt or "")]:
+    edits = read_validation_prompts(args.validation_prompt)
+    named = [("--validation_prompt", p) for p in edits] + [("--reconstruction_prompt", args.reconstruction_prompt)]
+    for flag, prompt in named:
         if prompt and args.placeholder_token not in prompt:
             logger.warning(f"{flag} {prompt!r} does not contain {args.placeholder_token}: its images will show "
                            "nothing learned; write the placeholder where the concept goes")
@@ -2103,7 +2104,10 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
         sizes = sorted({tuple(p.shape[1:]) for p in images.pixels})
         logger.info(f"Buckets (height x width) in use: {', '.join(f'{h}x{w}' for h, w in sizes)}")
     check_vae_factor(args)
-    return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, per_image, images)
+    prompts = validation_prompts(edits, args.reconstruction_prompt, args.placeholder_token, args.learnable_property,
+                                 bool(args.clip_model_name_or_path))
+    return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, per_image, images,
+                  prompts)
 
 
 def tokenized_prompts(args: argparse.Namespace, tokenizers: list, image_paths: Sequence[Path]) -> tuple[torch.Tensor,
@@ -2171,8 +2175,6 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
 
 def make_validator(args, accelerator, inputs: Inputs) -> Validator:
     """Validation prompts, each image's prompt for the validation loss, CLIP and its reference images."""
-    prompts = validation_prompts(read_validation_prompts(args.validation_prompt), args.reconstruction_prompt,
-                                 args.placeholder_token, args.learnable_property, bool(args.clip_model_name_or_path))
     ids = inputs.template_input_ids
     loss_prompt_ids = ids[:, 0] if inputs.per_image_prompts else ids[0].expand(len(inputs.images), *ids.shape[1:])
     scorer = references = None
@@ -2187,7 +2189,7 @@ def make_validator(args, accelerator, inputs: Inputs) -> Validator:
                              f"transformers CLIPModel ({first_line}); give a CLIP folder or hub id, e.g. "
                              "openai/clip-vit-large-patch14") from None
         references = scorer.image_features([Image.fromarray(p.permute(1, 2, 0).numpy()) for p in inputs.images.pixels])
-    return Validator(prompts, loss_prompt_ids, references, scorer)
+    return Validator(inputs.validation_prompts, loss_prompt_ids, references, scorer)
 
 
 def restore_scores(args, accelerator, resumed: tuple, rule: str) -> ScoreHistory:

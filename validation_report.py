@@ -91,6 +91,10 @@ class ScoreHistory:
     def validations_since_best(self) -> int:
         return sum(1 for record in self.validations if record["step"] > self.best["step"]) if self.best else 0
 
+    def patience_spent(self, patience: int | None) -> bool:
+        """Whether --early_stopping_patience has run out: that many validations since the best, none better."""
+        return patience is not None and self.best is not None and self.validations_since_best() >= patience
+
     def to_json(self) -> dict:
         return {"rule": self.rule, "best": self.best, "stopped_early": self.stopped_early,
                 "train_loss": self.train_loss, "validations": self.validations}

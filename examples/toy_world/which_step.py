@@ -125,18 +125,17 @@ def rescore(run: Path, concept: dict[str, str], out: Path, clip: Path) -> list[d
 
 
 def early_stop(validations: list[dict], patience: int) -> tuple[int, int]:
-    """(the step a run with this patience stops at, the best step it keeps): the trainer's rule replayed."""
-    from validation_report import step_score
+    """(the step a run with this patience stops at, the best step it keeps): the trainer's own ScoreHistory, fed the
+    run's validations one by one."""
+    import torch
+    from validation_report import ScoreHistory
 
-    best, best_score, since = None, None, 0
+    history = ScoreHistory()
     for record in validations:
-        if best_score is None or step_score(record) > best_score:
-            best, best_score, since = record["step"], step_score(record), 0
-        else:
-            since += 1
-        if since >= patience and record["step"] < STEPS:
-            return record["step"], best
-    return validations[-1]["step"], best
+        history.add(dict(record), {"vectors": torch.zeros(1)})  # the vectors do not matter to the choice
+        if history.patience_spent(patience) and record["step"] < STEPS:
+            break
+    return history.validations[-1]["step"], history.best["step"]
 
 
 def cell(run: Path, concept: dict[str, str], seed: int, judged: dict, validations: list[dict]) -> dict:
