@@ -279,7 +279,11 @@ def save_sd1_pipeline(output_dir: str | Path, text_encoder_config: dict, vae_con
 # ---------------------------------------------------------------------------------------------------------------------
 
 T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in every T5 checkpoint
-T5_VOCAB_SIZE = 1024
+T5_VOCAB_SIZE = 1000  # SentencePiece pieces, specials included (T5 v1.1: 32,000)
+T5_EXTRA_IDS = 20  # <extra_id_0> ... after the pieces, as T5's 100 sentinels (ids 32,000-32,099)
+# The encoder's token table is padded past the tokenizer, as T5's 32,128 rows for 32,100 tokens: the first new
+# (placeholder) ids land on spare rows, later ones past the table.
+T5_EMBEDDING_ROWS = 1024
 PRINTABLE_ASCII = string.digits + string.ascii_letters + string.punctuation
 # SD3 zero-pads the concatenated CLIP-L + CLIP-G penultimate states (32 + 48 = 80 here, 768 + 1280 = 2048 for real)
 # up to T5's width (4096 for real) and stacks them with the T5 states, so T5 must be at least as wide as both CLIPs
@@ -381,7 +385,8 @@ def _canonical_unigram_scores(pieces: list[tuple[str, float]]) -> list[tuple[str
     return sorted(((p, dealt.get(p, s)) for p, s in pieces), key=lambda ps: (-ps[1], ps[0]))
 
 
-def build_t5_tokenizer(save_dir: str | Path, vocab_size: int = T5_VOCAB_SIZE) -> T5TokenizerFast:
+def build_t5_tokenizer(save_dir: str | Path, vocab_size: int = T5_VOCAB_SIZE,
+                       extra_ids: int = T5_EXTRA_IDS) -> T5TokenizerFast:
     """Train a tiny SentencePiece-style (Unigram) T5 tokenizer on `t5_corpus()` and save it to `save_dir`.
 
     A stand-in for the 32,100-token T5 v1.1 tokenizer of SD3/Flux, which has no offline source here; real users
@@ -418,9 +423,10 @@ def build_t5_tokenizer(save_dir: str | Path, vocab_size: int = T5_VOCAB_SIZE) ->
     backend.post_processor = processors.TemplateProcessing(  # T5 appends </s> and no BOS
         single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)])
 
-    # extra_ids=0: T5's 100 <extra_id_N> sentinels are for span-corruption pretraining; no diffusion pipeline uses them.
+    # T5's <extra_id_N> sentinels are for span-corruption pretraining and no diffusion pipeline uses them, but they
+    # are tokens the real tokenizer already knows (and a placeholder must not be one of them).
     tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                extra_ids=0, model_max_length=512)
+                                extra_ids=extra_ids, model_max_length=512)
     save_dir = Path(save_dir)
     tokenizer.save_pretrained(save_dir)
 
@@ -481,7 +487,7 @@ def build_tiny_sd3_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, TEXT_HIDDEN, "quick_gelu"))  # CLIP-L
     torch.manual_seed(seed)
     text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, TEXT_HIDDEN_2, "gelu"))  # bigG
-    text_encoder_3 = _t5_encoder(len(tokenizer_3), seed)
+    text_encoder_3 = _t5_encoder(T5_EMBEDDING_ROWS, seed)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**TINY_FLOW_VAE, shift_factor=SD3_LATENT_SHIFT, scaling_factor=SD3_LATENT_SCALE)
     heads, head_dim = 4, 8
@@ -524,7 +530,7 @@ def build_tiny_flux_pipeline(output_dir: str | Path, seed: int = 0, guidance_emb
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer, TEXT_HIDDEN, "quick_gelu"))
-    text_encoder_2 = _t5_encoder(len(tokenizer_2), seed)
+    text_encoder_2 = _t5_encoder(T5_EMBEDDING_ROWS, seed)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**TINY_FLOW_VAE, shift_factor=FLUX_LATENT_SHIFT, scaling_factor=FLUX_LATENT_SCALE)
     torch.manual_seed(seed)

@@ -63,7 +63,8 @@ def test_t5_tokenizer_has_t5s_special_tokens_and_appends_eos(sd3_dir, t5_tokeniz
     tok = t5_tokenizer
     assert (tok.pad_token, tok.eos_token, tok.unk_token) == ("<pad>", "</s>", "<unk>")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
-    assert tok.bos_token is None and len(tok) == tiny.T5_VOCAB_SIZE  # no BOS and no <extra_id_N> sentinels in T5
+    assert tok.bos_token is None and len(tok) == tiny.T5_VOCAB_SIZE + tiny.T5_EXTRA_IDS  # no BOS, as in T5
+    assert tok.convert_ids_to_tokens([tiny.T5_VOCAB_SIZE]) == ["<extra_id_0>"]  # sentinels after the pieces
     ids = tok(PROMPT).input_ids
     assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1] and tok.unk_token_id not in ids
     assert tok.convert_ids_to_tokens(ids) == ["▁a", "▁photo", "▁of", "▁a", "▁toy", "</s>"]
@@ -88,7 +89,7 @@ def test_t5_tokenizer_round_trips_ordinary_text(t5_tokenizer, text):
 def test_t5_tokenizer_takes_a_placeholder_token_as_one_new_id(t5_tokenizer):
     assert t5_tokenizer.add_tokens("<cat-toy>") == 1
     new_id = t5_tokenizer.convert_tokens_to_ids("<cat-toy>")
-    assert new_id == tiny.T5_VOCAB_SIZE == len(t5_tokenizer) - 1
+    assert new_id == tiny.T5_VOCAB_SIZE + tiny.T5_EXTRA_IDS == len(t5_tokenizer) - 1
     ids = t5_tokenizer("a photo of a <cat-toy>").input_ids
     assert ids == t5_tokenizer(PROMPT).input_ids[:4] + [new_id, t5_tokenizer.eos_token_id]
 
@@ -164,7 +165,7 @@ def test_sd3_text_embeddings_fit_the_transformer(sd3):
     # text tokens join image tokens in one attention; the VAE's latents are what the transformer patches
     assert cfg.caption_projection_dim == cfg.num_attention_heads * cfg.attention_head_dim
     assert cfg.in_channels == cfg.out_channels == sd3.vae.config.latent_channels == 16
-    assert sd3.text_encoder_3.config.vocab_size == len(sd3.tokenizer_3)
+    assert sd3.text_encoder_3.config.vocab_size == tiny.T5_EMBEDDING_ROWS > len(sd3.tokenizer_3)  # spare rows, as T5
     assert [sd3.text_encoder.config.eos_token_id, sd3.text_encoder_2.config.eos_token_id] == [
         sd3.tokenizer.eos_token_id, sd3.tokenizer_2.eos_token_id]
     assert (sd3.vae.config.shift_factor, sd3.vae.config.scaling_factor) == (0.0609, 1.5305)
@@ -182,7 +183,7 @@ def test_flux_text_embeddings_fit_the_transformer(flux):
     assert text_ids.shape == (64, 3)
     assert sum(cfg.axes_dims_rope) == cfg.attention_head_dim
     assert cfg.in_channels == 4 * flux.vae.config.latent_channels == 64
-    assert flux.text_encoder_2.config.vocab_size == len(flux.tokenizer_2)
+    assert flux.text_encoder_2.config.vocab_size == tiny.T5_EMBEDDING_ROWS > len(flux.tokenizer_2)
     assert (flux.vae.config.shift_factor, flux.vae.config.scaling_factor) == (0.1159, 0.3611)
     schedule = flux.scheduler.config
     assert schedule.use_dynamic_shifting and (schedule.base_shift, schedule.max_shift) == (0.5, 1.15)
