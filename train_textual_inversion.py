@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Textual inversion for Stable Diffusion 1.x, 2.x and XL: learn a new pseudo-word from 3-5 images.
+"""Textual inversion for Stable Diffusion 1.x, 2.x, XL, 3/3.5 and Flux.1: learn a new pseudo-word from 3-5 images.
 
     accelerate launch train_textual_inversion.py --pretrained_model_name_or_path=<folder or hub id> \
         --train_data_dir=./my_concept --placeholder_token="<cat-toy>" --initializer_token=toy --output_dir=out
 
 Only the placeholder vectors train (Gal et al., 2022). They live in a small `num_vectors x dim` parameter of their
-own (one per text encoder), spliced into the frozen token embedding, so the optimizer state, the gradient and the
-data-parallel all-reduce are that size, and every other embedding row stays bit-identical to the base model. The
-training images go through the VAE once, at start-up. Flags, defaults and outputs follow diffusers'
-examples/textual_inversion/textual_inversion.py; the model family comes from the pipeline's model_index.json.
+own (one per text encoder: CLIP and, for SD3 and Flux, T5), spliced into the frozen token embedding, so the optimizer
+state, the gradient and the data-parallel all-reduce are that size, and every other embedding row stays bit-identical
+to the base model. The training images go through the VAE once, at start-up. Flags, defaults and outputs follow
+diffusers' examples/textual_inversion/textual_inversion.py (and its SD3/Flux scripts for the flow-matching flags); the
+model family comes from the pipeline's model_index.json.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # --report_to choices and the module each needs (accelerate's trackers).
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
              "clearml": "clearml", "dvclive": "dvclive", "aim": "aim", "all": None, "none": None}
+# diffusers.training_utils' timestep densities (logit_normal, mode, else uniform) and loss weightings (sigma_sqrt,
+# cosmap, else 1).
+FLOW_WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 
 class UsageError(Exception):
@@ -105,7 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_epsilon", type=float, default=1e-08)
     a("--max_grad_norm", type=float, default=None, help="Clip the placeholder vectors' gradient norm (off by default).")
     a("--snr_gamma", type=float, default=None,
-      help="Min-SNR loss weighting with this gamma (5.0 is usual); off by default.")
+      help="Min-SNR loss weighting with this gamma (5.0 is usual); off by default. SD 1.x/2.x/XL only.")
+    # SD 3/3.5 and Flux.1 (flow matching); diffusers' flags from its SD3 and Flux training scripts.
+    a("--text_encoders", type=text_encoder_names, default=None,
+      help="Which text encoders learn the word, comma-separated: SDXL clip_l,clip_g; SD3 clip_l,clip_g,t5; Flux "
+           "clip_l,t5. Default: all of them (the others keep the initializer's vectors). See the README.")
+    a("--t5_learning_rate", type=float, default=None,
+      help="T5's vectors' learning rate (default: --learning_rate x T5's token-embedding scale over CLIP-L's, "
+           "logged at the start: Adam steps are about lr per coordinate whatever the encoder's scale).")
+    a("--max_sequence_length", type=int, default=None,
+      help="T5's prompt length in tokens (default: 77 for SD3, 512 for Flux, as in diffusers' scripts).")
+    a("--weighting_scheme", default=None, choices=FLOW_WEIGHTING_SCHEMES,
+      help="Flow matching's timestep density and loss weighting (diffusers' training_utils; default: "
+           "logit_normal for SD3, none for Flux, as in diffusers' scripts).")
+    a("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal timestep density.")
+    a("--logit_std", type=float, default=1.0, help="Std of the logit_normal timestep density.")
+    a("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' timestep density.")
+    a("--guidance_scale", type=float, default=3.5,
+      help="Flux-dev's guidance embedding during training (guidance-distilled models only; diffusers' default).")
     a("--noise_offset", type=float, default=0.0, help="diffusers' noise offset (e.g. 0.05); 0 is off.")
     a("--seed", type=int, default=None, help="Seed for a reproducible run (a random one is drawn and logged if unset).")
     # hardware
@@ -136,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     a("--validation_inference_steps", type=int, default=25,
       help="DPM-Solver++ steps per validation image; fewer make validation cheaper (see benchmarks/).")
-    a("--validation_guidance_scale", type=float, default=7.5,
-      help="Classifier-free guidance of the validation images (the pipelines' default); use the one you will use.")
+    a("--validation_guidance_scale", type=float, default=None,
+      help="Guidance of the validation images (default: the pipeline's, 7.5; SD3 7.0; Flux-dev's distilled 3.5); "
+           "use the one you will use.")
     a("--validation_steps", type=int, default=100,
       help="Validate every N steps: validation loss, images and CLIP scores (see report.json).")
     a("--clip_model_name_or_path", default=None,
@@ -156,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hub_token", default=None, help=argparse.SUPPRESS)
     a("--hub_model_id", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def text_encoder_names(value: str) -> tuple[str, ...]:
+    """--text_encoders "clip_l, t5" -> ("clip_l", "t5"); which of them the model has is checked once it is known."""
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more of clip_l, clip_g, t5, comma-separated")
+    return names
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -182,9 +212,11 @@ def validate_args(args: argparse.Namespace) -> str | None:
     for name in positive:
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1 (got {getattr(args, name)})"
-    for name in ("max_grad_norm", "snr_gamma"):
+    for name in ("max_grad_norm", "snr_gamma", "logit_std", "t5_learning_rate"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             return f"--{name} must be positive (got {getattr(args, name)})"
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        return f"--max_sequence_length must be at least 1 (got {args.max_sequence_length})"
     if args.noise_offset < 0:
         return f"--noise_offset must be 0 or more (got {args.noise_offset})"
     if args.alpha_mask and args.mask_dir:
@@ -303,7 +335,7 @@ def placeholder_token_names(placeholder_token: str, num_vectors: int) -> list[st
     return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
 
 
-def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int) -> list[int]:
+def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int, name: str = "tokenizer") -> list[int]:
     """Add the placeholder token(s) to the tokenizer; return their ids, which are consecutive after the vocabulary.
 
     A token the tokenizer already has, or an existing word ("cat" is one BPE token), is refused: adding it would
@@ -314,9 +346,9 @@ def add_placeholder_tokens(tokenizer, placeholder_token: str, num_vectors: int) 
     for token in tokens:
         pieces = tokenizer.tokenize(token)
         if token in vocab or (len(pieces) == 1 and pieces[0] in vocab):
+            which = "the tokenizer" if name == "tokenizer" else f"the pipeline's {name} ({type(tokenizer).__name__})"
             raise UsageError(
-                f"--placeholder_token {token!r} is already a word of the tokenizer; pick a new one, e.g. '<my-{token}>'"
-            )
+                f"--placeholder_token {token!r} is already a word of {which}; pick a new one, e.g. '<my-{token}>'")
     first_id = len(tokenizer)
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
@@ -387,7 +419,7 @@ class PlaceholderEmbedding(torch.nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """The full embedding matrix with the learned rows written in (grown to hold them), for saving a pipeline."""
         frozen = self.frozen.weight.detach()
-        n, end = self.vectors.shape[0], self.first_placeholder_id + self.vectors.shape[0]
+        end = self.first_placeholder_id + self.vectors.shape[0]
         weight = frozen.new_empty(max(end, len(frozen)), frozen.shape[1])
         weight[: len(frozen)] = frozen
         weight[self.first_placeholder_id : end] = self.vectors.detach().to(weight.dtype)
@@ -449,15 +481,30 @@ def install_placeholder_embedding(text_encoder, placeholder_token_ids: list[int]
 
 # ---- Model families --------------------------------------------------------------------------------------------------
 # What differs between the families this script trains lives in one small adapter per family: its pipeline class,
-# tokenizers and text encoders, how the denoiser is conditioned on the prompt, and the saved keys. The rest of the
-# script asks the adapter and never tests a family's name, so adding a family is adding an adapter to FAMILIES.
+# tokenizers, text encoders and denoiser, how the denoiser is conditioned on the prompt, the noise process, and the
+# saved keys. The rest of the script asks the adapter and never tests a family's name, so adding a family is adding an
+# adapter to FAMILIES.
+def unet_prediction(unet, noisy, timesteps, hidden, added_conditions: dict | None, dtype: torch.dtype) -> torch.Tensor:
+    return unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added_conditions).sample
+
+
 class StableDiffusion:
     """SD 1.x and 2.x: one CLIP text encoder, whose last hidden state conditions the UNet (epsilon or v)."""
 
     name = "sd"
     pipeline = "StableDiffusionPipeline"
-    tokenizers = ("tokenizer",)  # subfolders, in the order of the text encoders
-    text_encoders = (("text_encoder", "CLIPTextModel"),)  # (subfolder, transformers class)
+    encoder_names = ("clip",)  # what --text_encoders calls them
+    tokenizers = (("tokenizer", "CLIPTokenizer"),)  # (subfolder, transformers class), in the encoders' order
+    text_encoders = (("text_encoder", "CLIPTextModel"),)
+    denoiser = ("unet", "UNet2DConditionModel")  # (subfolder, diffusers class)
+    scheduler = "DDPMScheduler"
+    flow_matching = False
+    latent_patch = 1  # latent cells per side of one denoiser token: --resolution is a multiple of this x the VAE's
+    max_sequence_length = None  # no T5
+    weighting_scheme = None
+    guidance_scale = 7.5  # the pipeline's default, for the validation images
+    validation_scheduler = "DPMSolverMultistepScheduler"  # good images in 25 steps (diffusers' TI example)
+    expands_placeholder = True  # the pipeline writes out a multi-vector token (TextualInversionLoaderMixin)
     # The inference pipeline's parts this script does not load.
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
@@ -465,15 +512,16 @@ class StableDiffusion:
         """Names of the saved tensors, one per text encoder: diffusers' `{token: T}`."""
         return [placeholder_token]
 
-    def encode(self, text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids `[batch, 1, 77]` -> (the UNet's encoder hidden states, no pooled embedding)."""
-        return text_encoders[0](input_ids[:, 0])[0], None
+    def encode(self, text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per encoder `[batch, 77]` ids -> (the UNet's encoder hidden states, no pooled embedding)."""
+        return text_encoders[0](input_ids[0])[0], None
 
-    def size_conditions(self, images: TrainingImages) -> torch.Tensor | None:
+    def conditions(self, images: TrainingImages, guidance_scale: float) -> torch.Tensor | None:
+        """Per-image conditions besides the prompt: none."""
         return None
 
-    def added_conditions(self, pooled, size_conditions, dtype: torch.dtype) -> dict | None:
-        return None
+    def predict(self, unet, noisy, timesteps, hidden, pooled, conditions, dtype: torch.dtype) -> torch.Tensor:
+        return unet_prediction(unet, noisy, timesteps, hidden, None, dtype)
 
 
 class StableDiffusionXL:
@@ -481,46 +529,254 @@ class StableDiffusionXL:
 
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
-    tokenizers = ("tokenizer", "tokenizer_2")
+    encoder_names = ("clip_l", "clip_g")
+    tokenizers = (("tokenizer", "CLIPTokenizer"), ("tokenizer_2", "CLIPTokenizer"))
     # The second one also gives the pooled projection the SDXL UNet is conditioned on.
     text_encoders = (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection"))
+    denoiser = ("unet", "UNet2DConditionModel")
+    scheduler = "DDPMScheduler"
+    flow_matching = False
+    latent_patch = 1
+    max_sequence_length = None
+    weighting_scheme = None
+    guidance_scale = 7.5
+    validation_scheduler = "DPMSolverMultistepScheduler"
+    expands_placeholder = True
     pipeline_extras: dict = {}
 
     def keys(self, placeholder_token: str) -> list[str]:
         """kohya's, AUTOMATIC1111's, ComfyUI's and InvokeAI's SDXL format."""
         return ["clip_l", "clip_g"]
 
-    def encode(self, text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Both encoders' penultimate hidden states side by side, and the second encoder's pooled projection (the
         UNet's `text_embeds`), as StableDiffusionXLPipeline.encode_prompt computes them."""
-        outputs = [encoder(input_ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
+        outputs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip(text_encoders, input_ids)]
         return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1][0]
 
-    def size_conditions(self, images: TrainingImages) -> torch.Tensor | None:
+    def conditions(self, images: TrainingImages, guidance_scale: float) -> torch.Tensor | None:
+        """(original size, crop, target size) per image."""
         return sdxl_time_ids(images)
 
-    def added_conditions(self, pooled, size_conditions, dtype: torch.dtype) -> dict | None:
-        """The pooled text embedding and (original size, crop, target size) per image."""
-        return {"text_embeds": pooled.to(dtype), "time_ids": size_conditions.to(dtype)}
+    def predict(self, unet, noisy, timesteps, hidden, pooled, conditions, dtype: torch.dtype) -> torch.Tensor:
+        """The pooled text embedding and the batch's size conditions go in as added conditions."""
+        added = {"text_embeds": pooled.to(dtype), "time_ids": conditions.to(dtype)}
+        return unet_prediction(unet, noisy, timesteps, hidden, added, dtype)
+
+
+class StableDiffusion3:
+    """SD 3 and 3.5: CLIP-L, CLIP-G and T5-XXL into an MMDiT, trained by flow matching."""
+
+    name = "sd3"
+    pipeline = "StableDiffusion3Pipeline"
+    encoder_names = ("clip_l", "clip_g", "t5")
+    tokenizers = (("tokenizer", "CLIPTokenizer"), ("tokenizer_2", "CLIPTokenizer"), ("tokenizer_3", "T5TokenizerFast"))
+    text_encoders = (("text_encoder", "CLIPTextModelWithProjection"),
+                     ("text_encoder_2", "CLIPTextModelWithProjection"), ("text_encoder_3", "T5EncoderModel"))
+    denoiser = ("transformer", "SD3Transformer2DModel")
+    scheduler = "FlowMatchEulerDiscreteScheduler"
+    flow_matching = True
+    latent_patch = 2  # the MMDiT's 2x2 patches
+    max_sequence_length = 77  # diffusers' SD3 script (the pipeline's own default is 256)
+    weighting_scheme = "logit_normal"  # diffusers' SD3 script
+    guidance_scale = 7.0
+    validation_scheduler = None  # the pipeline's own flow-matching Euler sampler
+    expands_placeholder = False  # StableDiffusion3Pipeline has no TextualInversionLoaderMixin
+    pipeline_extras: dict = {}
+
+    def keys(self, placeholder_token: str) -> list[str]:
+        """ComfyUI's and OneTrainer's names (the T5 vectors are also written as ComfyUI's `t5xxl`: KEY_ALIASES)."""
+        return ["clip_l", "clip_g", "t5"]
+
+    def encode(self, text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As StableDiffusion3Pipeline.encode_prompt: the CLIPs' penultimate states side by side, zero-padded to
+        T5's width and followed by T5's states along the sequence; the CLIPs' pooled projections side by side."""
+        clips = [encoder(ids, output_hidden_states=True) for encoder, ids in zip(text_encoders[:2], input_ids[:2])]
+        clip_states = torch.cat([out.hidden_states[-2] for out in clips], dim=-1)
+        t5_states = text_encoders[2](input_ids[2])[0]
+        clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        return torch.cat([clip_states, t5_states], dim=-2), torch.cat([out[0] for out in clips], dim=-1)
+
+    def conditions(self, images: TrainingImages, guidance_scale: float) -> torch.Tensor | None:
+        return None
+
+    def predict(self, transformer, noisy, timesteps, hidden, pooled, conditions, dtype: torch.dtype) -> torch.Tensor:
+        return transformer(hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=hidden.to(dtype),
+                           pooled_projections=pooled.to(dtype), return_dict=False)[0]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Flux's 2x2 packing: `[B, C, h, w]` -> `[B, (h/2)(w/2), 4C]`, one token per 2x2 patch, row by row."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """pack_latents' inverse, for latents of `height` x `width` cells."""
+    b, _, channels = tokens.shape
+    patches = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """Flux's position of each packed token, `[(h/2)(w/2), 3]`: (0, row, column), for the rotary embedding."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+class Flux:
+    """Flux.1: T5-XXL's states are the transformer's text tokens, CLIP-L gives only its pooled vector; packed
+    latents, flow matching with a resolution-dependent shift, and (dev) a guidance embedding."""
+
+    name = "flux"
+    pipeline = "FluxPipeline"
+    encoder_names = ("clip_l", "t5")
+    tokenizers = (("tokenizer", "CLIPTokenizer"), ("tokenizer_2", "T5TokenizerFast"))
+    text_encoders = (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel"))
+    denoiser = ("transformer", "FluxTransformer2DModel")
+    scheduler = "FlowMatchEulerDiscreteScheduler"
+    flow_matching = True
+    latent_patch = 2  # the 2x2 packing
+    max_sequence_length = 512  # diffusers' Flux script and FluxPipeline
+    weighting_scheme = "none"  # diffusers' Flux script
+    guidance_scale = 3.5  # FluxPipeline's (distilled guidance, no classifier-free guidance)
+    validation_scheduler = None
+    expands_placeholder = True
+    pipeline_extras: dict = {}
+
+    def keys(self, placeholder_token: str) -> list[str]:
+        return ["clip_l", "t5"]
+
+    def encode(self, text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As FluxPipeline.encode_prompt: T5's last hidden states, and CLIP's pooled output."""
+        pooled = text_encoders[0](input_ids[0], output_hidden_states=False).pooler_output
+        return text_encoders[1](input_ids[1], output_hidden_states=False)[0], pooled
+
+    def conditions(self, images: TrainingImages, guidance_scale: float) -> torch.Tensor | None:
+        """--guidance_scale for every image (used by guidance-distilled transformers only)."""
+        return torch.full((len(images),), float(guidance_scale))
+
+    def predict(self, transformer, noisy, timesteps, hidden, pooled, conditions, dtype: torch.dtype) -> torch.Tensor:
+        """Packed in, unpacked out, so the loss (and a mask) stays in the latent grid. Flux takes t in [0, 1]."""
+        height, width = noisy.shape[-2:]
+        guidance = conditions.to(dtype) if transformer.config.guidance_embeds else None
+        text_ids = torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=dtype)
+        tokens = transformer(hidden_states=pack_latents(noisy).to(dtype), timestep=timesteps / 1000,
+                             guidance=guidance, pooled_projections=pooled.to(dtype),
+                             encoder_hidden_states=hidden.to(dtype), txt_ids=text_ids,
+                             img_ids=latent_image_ids(height, width, noisy.device, dtype), return_dict=False)[0]
+        return unpack_latents(tokens, height, width)
 
 
 # model_index.json's _class_name -> the adapter this script trains it with.
-FAMILIES = {family.pipeline: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES = {family.pipeline: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
 FAMILY_NAMES = {family.name: family for family in FAMILIES.values()}
+# Keys written twice in the result files, because the apps disagree: OneTrainer and diffusers' Flux script read `t5`,
+# ComfyUI reads `t5xxl`; each ignores the other's (README, "SD 3.5 and Flux").
+KEY_ALIASES = {"t5": "t5xxl"}
 
 
 class PromptEncoder(torch.nn.Module):
     """The text encoder(s) as the denoiser consumes them (the family's `encode`); it holds every trainable tensor, so
     DDP wraps this one module."""
 
-    def __init__(self, text_encoders: Sequence[torch.nn.Module], family):
+    def __init__(self, text_encoders: Sequence[torch.nn.Module], family, lengths: Sequence[int]):
         super().__init__()
         self.text_encoders = torch.nn.ModuleList(text_encoders)
         self.family = family
+        self.lengths = list(lengths)  # each tokenizer's window: CLIP's 77, T5's --max_sequence_length
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids `[batch, num_text_encoders, 77]` -> (encoder hidden states, pooled embedding or None)."""
-        return self.family.encode(self.text_encoders, input_ids)
+        """input_ids `[batch, num_text_encoders, longest window]` -> (encoder hidden states, pooled or None)."""
+        per_encoder = [input_ids[:, i, :length] for i, length in enumerate(self.lengths)]
+        return self.family.encode(self.text_encoders, per_encoder)
+
+
+# ---- Noise and target ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Diffusion:
+    """DDPM training (SD 1.x/2.x, SDXL): integer timesteps, the scheduler's noising, epsilon or v target."""
+
+    scheduler: object
+    snr_gamma: float | None = None  # --snr_gamma: Min-SNR weights
+
+    def draw_timesteps(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                             device=latents.device)
+
+    def timesteps_at(self, fractions: Sequence[float], latent_size: Sequence[int], device) -> torch.Tensor:
+        """Fixed timesteps, as fractions of the schedule (the validation loss)."""
+        num_train = self.scheduler.config.num_train_timesteps
+        return torch.tensor([int(f * num_train) for f in fractions], device=device)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return diffusion_target(self.scheduler, latents, noise, timesteps)
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        return min_snr_weights(self.scheduler, timesteps, self.snr_gamma) if self.snr_gamma else None
+
+
+@dataclass(frozen=True)
+class FlowMatching:
+    """Rectified flow (SD 3, Flux): x_t = (1 - sigma) x_0 + sigma noise, and the model predicts noise - x_0.
+
+    Timesteps are drawn and weighted with diffusers' training_utils under --weighting_scheme, and looked up in the
+    scheduler's sigma table as diffusers' SD3 and Flux scripts do, so SD3's static shift (3.0) applies. A scheduler
+    with dynamic shifting (Flux-dev) shifts each draw by the image's size, as its sampler does at inference.
+    """
+
+    scheduler: object
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    latent_patch: int = 2
+
+    def sigmas_at(self, u: torch.Tensor, latent_size: Sequence[int]) -> torch.Tensor:
+        """u in [0, 1) -> sigma, for latents of this (height, width)."""
+        config = self.scheduler.config
+        index = (u * config.num_train_timesteps).long().clamp(0, config.num_train_timesteps - 1)
+        sigmas = self.scheduler.sigmas.to(u.device)[index].float()
+        if config.use_dynamic_shifting:
+            tokens = (latent_size[0] // self.latent_patch) * (latent_size[1] // self.latent_patch)
+            slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+            mu = config.base_shift + slope * (tokens - config.base_image_seq_len)  # diffusers' calculate_shift
+            sigmas = self.scheduler.time_shift(mu, 1.0, sigmas)
+        return sigmas
+
+    def draw_timesteps(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, latents.shape[0], self.logit_mean,
+                                                  self.logit_std, self.mode_scale, latents.device, generator)
+        return self.sigmas_at(u, latents.shape[-2:]) * self.scheduler.config.num_train_timesteps
+
+    def timesteps_at(self, fractions: Sequence[float], latent_size: Sequence[int], device) -> torch.Tensor:
+        u = torch.tensor(list(fractions), device=device)
+        return self.sigmas_at(u, latent_size) * self.scheduler.config.num_train_timesteps
+
+    def _sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return (timesteps / self.scheduler.config.num_train_timesteps).float()
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self._sigmas(timesteps).view(-1, *[1] * (latents.ndim - 1))
+        return (1.0 - sigmas) * latents + sigmas * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        if self.weighting_scheme not in ("sigma_sqrt", "cosmap"):  # the others weight every timestep 1
+            return None
+        return compute_loss_weighting_for_sd3(self.weighting_scheme, self._sigmas(timesteps))
 
 
 # ---- Templates and data ----------------------------------------------------------------------------------------------
@@ -898,7 +1154,8 @@ class ImageLatents:
         else:
             mean, std = (by_image_and_flip(cached, image_index, flip) for cached in (self.mean, self.std))
         sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return sample * self.vae.config.scaling_factor
+        shift = self.vae.config.get("shift_factor")  # SD3's and Flux's VAEs centre their latents; SD's do not
+        return (sample if shift is None else sample - shift) * self.vae.config.scaling_factor
 
 
 def by_image_and_flip(per_image: Sequence[torch.Tensor], image_index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -911,6 +1168,13 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], placeholder_token: str, 
     texts = [expand_placeholder(p, placeholder_token, num_vectors) for p in prompts]
     return tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids
+
+
+def stack_windows(per_tokenizer: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each tokenizer's `[len, window]` ids side by side as `[len, num_tokenizers, longest window]`: CLIP's 77 and
+    T5's longer window share one tensor, zero-padded past each one's own window (PromptEncoder cuts it back)."""
+    longest = max(ids.shape[-1] for ids in per_tokenizer)
+    return torch.stack([F.pad(ids, (0, longest - ids.shape[-1])) for ids in per_tokenizer], dim=1)
 
 
 def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_token: str, num_vectors: int) -> torch.Tensor:
@@ -1055,6 +1319,13 @@ def app_layout(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(embeds) if len(embeds) > 1 else {"emb_params": next(iter(embeds.values()))}
 
 
+def with_key_aliases(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The T5 vectors under both names the apps read (KEY_ALIASES): `t5` and `t5xxl`, as separate tensors (a
+    .safetensors cannot hold two names for one storage)."""
+    aliases = {alias: embeds[key].detach().clone() for key, alias in KEY_ALIASES.items() if key in embeds}
+    return {**embeds, **aliases}
+
+
 def save_learned_embeds(embeds: dict[str, torch.Tensor], path: str | Path, safe_serialization: bool = True,
                         metadata: dict[str, str] | None = None) -> None:
     """Write `{name: float32 [num_vectors, dim]}` (see the families' `keys`), with the run's metadata in a .safetensors.
@@ -1085,8 +1356,8 @@ def save_result_files(embeds: dict[str, torch.Tensor], output_dir: Path, suffix:
     """`learned_embeds{suffix}` for diffusers and `<word>{suffix}` for the apps (suffix "" or "-steps-N")."""
     paths = [output_dir / embeds_filename(f"learned_embeds{suffix}", safe_serialization),
              output_dir / embeds_filename(f"{app_word(placeholder_token)}{suffix}", safe_serialization)]
-    save_learned_embeds(embeds, paths[0], safe_serialization, metadata)
-    save_learned_embeds(app_layout(embeds), paths[1], safe_serialization, metadata)
+    save_learned_embeds(with_key_aliases(embeds), paths[0], safe_serialization, metadata)
+    save_learned_embeds(with_key_aliases(app_layout(embeds)), paths[1], safe_serialization, metadata)
     return paths
 
 
@@ -1164,7 +1435,8 @@ def model_load_error(args: argparse.Namespace, what: str, error: Exception) -> U
 
 
 def pipeline_family(args: argparse.Namespace) -> str:
-    """The family's name ('sd' for SD 1.x and 2.x, 'sdxl'), read from the pipeline's model_index.json."""
+    """The family's name ('sd' for SD 1.x and 2.x, 'sdxl', 'sd3', 'flux'), read from the pipeline's
+    model_index.json."""
     from diffusers import DiffusionPipeline
 
     name = args.pretrained_model_name_or_path
@@ -1174,48 +1446,58 @@ def pipeline_family(args: argparse.Namespace) -> str:
         raise model_load_error(args, "its model_index.json", e) from None
     if class_name not in FAMILIES:
         raise UsageError(f"--pretrained_model_name_or_path {name} is a {class_name}; this script trains "
-                         f"{' and '.join(FAMILIES)} models (SD 1.x, 2.x and SDXL)")
+                         f"{', '.join(FAMILIES)} models (SD 1.x, 2.x, XL, 3/3.5 and Flux.1)")
     return FAMILIES[class_name].name
 
 
 def load_models(args: argparse.Namespace, family: str):
-    """Scheduler, text encoder(s), VAE and UNet: the ordinary from_pretrained path, local folder or hub id alike."""
+    """Scheduler, text encoder(s), VAE and denoiser (UNet or transformer): the ordinary from_pretrained path, local
+    folder or hub id alike."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    adapter = FAMILY_NAMES[family]
     source = dict(revision=args.revision, variant=args.variant)
     name = args.pretrained_model_name_or_path
     subfolder = "scheduler"
     try:
-        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder=subfolder, revision=args.revision)
+        noise_scheduler = getattr(diffusers, adapter.scheduler).from_pretrained(name, subfolder=subfolder,
+                                                                                 revision=args.revision)
         text_encoders = []
-        for subfolder, class_name in FAMILY_NAMES[family].text_encoders:
+        for subfolder, class_name in adapter.text_encoders:
             text_encoders.append(getattr(transformers, class_name).from_pretrained(name, subfolder=subfolder, **source))
         subfolder = "vae"
-        vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder, **source)
-        subfolder = "unet"
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, **source)
+        vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder=subfolder, **source)
+        subfolder, class_name = adapter.denoiser
+        denoiser = getattr(diffusers, class_name).from_pretrained(name, subfolder=subfolder, **source)
     except (OSError, ValueError) as e:  # a missing variant or revision, a hub id out of reach, a damaged file
         raise model_load_error(args, f"its {subfolder}", e) from None
-    return noise_scheduler, text_encoders, vae, unet
+    return noise_scheduler, text_encoders, vae, denoiser
 
 
 def load_tokenizers(args: argparse.Namespace, family: str) -> list:
-    """The pipeline's tokenizer(s), one per text encoder; --tokenizer_name replaces a one-tokenizer pipeline's."""
-    from transformers import CLIPTokenizer
+    """The pipeline's tokenizer(s), one per text encoder; --tokenizer_name replaces a one-tokenizer pipeline's.
+    A T5 tokenizer's window becomes --max_sequence_length (or the family's default)."""
+    import transformers
 
-    subfolders = FAMILY_NAMES[family].tokenizers
-    if args.tokenizer_name and len(subfolders) > 1:
-        raise UsageError("--tokenizer_name is for SD 1.x/2.x pipelines; SDXL's two tokenizers come from the pipeline")
+    adapter = FAMILY_NAMES[family]
+    if args.tokenizer_name and len(adapter.tokenizers) > 1:
+        raise UsageError("--tokenizer_name is for SD 1.x/2.x pipelines; the tokenizers of SDXL, SD3 and Flux come "
+                         "from the pipeline")
     name = args.tokenizer_name or args.pretrained_model_name_or_path
     try:
         if args.tokenizer_name:
-            return [CLIPTokenizer.from_pretrained(name)]
-        return [CLIPTokenizer.from_pretrained(name, subfolder=sub, revision=args.revision) for sub in subfolders]
+            return [transformers.CLIPTokenizer.from_pretrained(name)]
+        tokenizers = [getattr(transformers, class_name).from_pretrained(name, subfolder=sub, revision=args.revision)
+                      for sub, class_name in adapter.tokenizers]
     except (OSError, ValueError) as e:  # not found, offline, no tokenizer folder: say which, without a traceback
         if args.tokenizer_name:
             raise UsageError(f"--tokenizer_name {name}: cannot load it ({str(e).splitlines()[0]})") from None
         raise model_load_error(args, "its tokenizer", e) from None
+    for (_, class_name), tokenizer in zip(adapter.tokenizers, tokenizers):
+        if class_name.startswith("T5"):
+            tokenizer.model_max_length = args.max_sequence_length or adapter.max_sequence_length
+    return tokenizers
 
 
 def pool_at_end_of_text(text_encoder, tokenizer) -> None:
@@ -1225,6 +1507,8 @@ def pool_at_end_of_text(text_encoder, tokenizer) -> None:
     is a placeholder's once one is added. SDXL's UNet is conditioned on that pooled vector; SDXL was trained with it
     taken at end-of-text, and AUTOMATIC1111, ComfyUI and kohya take it there. SD 1.x/2.x do not use it.
     """
+    if not text_encoder.config.model_type.startswith("clip"):  # T5 pools nothing
+        return
     pooling_module = getattr(text_encoder, "text_model", text_encoder)  # where the model keeps its copy of the id
     text_encoder.config.eos_token_id = pooling_module.eos_token_id = tokenizer.eos_token_id
 
@@ -1272,28 +1556,26 @@ def training_loss(batch: dict, models: Models, generator: torch.Generator,
                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target.
     Timesteps are drawn from the generator unless given (the validation loss fixes them)."""
-    device, scheduler, options = generator.device, models.noise_scheduler, models.loss
+    device, process, options = generator.device, models.process, models.loss
     latents = models.latents.sample(batch["image_index"], batch["flip"], generator)
-    # Noise, noising and target in float32 whatever the compute dtype; only the UNet's input is cast down.
+    # Noise, noising and target in float32 whatever the compute dtype; only the denoiser's input is cast down.
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=device)
+        timesteps = process.draw_timesteps(latents, generator)
     if options.noise_offset:  # diffusers' --noise_offset: a per-channel shift, so the model can learn mean brightness
         noise = noise + options.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
                                                            device=device, dtype=latents.dtype)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps).to(models.weight_dtype)
+    noisy_latents = process.noisy(latents, noise, timesteps)
     encoder_hidden_states, pooled = models.prompt_encoder(batch["input_ids"].to(device))
-    size_conditions = None if models.time_ids is None else models.time_ids[batch["image_index"].to(device)]
-    added_conditions = FAMILY_NAMES[models.family].added_conditions(pooled, size_conditions, models.weight_dtype)
-    model_pred = models.unet(noisy_latents, timesteps, encoder_hidden_states.to(models.weight_dtype),
-                             added_cond_kwargs=added_conditions).sample
-    target = diffusion_target(scheduler, latents, noise, timesteps)
+    conditions = None if models.conditions is None else models.conditions[batch["image_index"].to(device)]
+    family = FAMILY_NAMES[models.family]
+    model_pred = family.predict(models.denoiser, noisy_latents, timesteps, encoder_hidden_states, pooled, conditions,
+                                models.weight_dtype)
+    target = process.target(latents, noise, timesteps)
     mask_weights = None
     if options.mask_weights is not None:
         mask_weights = by_image_and_flip(options.mask_weights, batch["image_index"], batch["flip"])
-    sample_weights = min_snr_weights(scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
-    return diffusion_loss(model_pred.float(), target.float(), mask_weights, sample_weights)
+    return diffusion_loss(model_pred.float(), target.float(), mask_weights, process.weights(timesteps))
 
 
 # ---- main, step by step ----------------------------------------------------------------------------------------------
@@ -1380,14 +1662,26 @@ def vae_dtype_for(weight_dtype: torch.dtype, vae) -> torch.dtype:
     return torch.float32 if weight_dtype == torch.float16 and vae.config.get("force_upcast", True) else weight_dtype
 
 
+def without_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability (T5 has 0.1; CLIP none): a frozen encoder must compute what it computes at
+    inference, while in train mode, the only mode in which transformers engages gradient checkpointing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):  # attention dropout kept as a probability
+            module.dropout = 0.0
+
+
 def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: torch.dtype) -> None:
-    """Freeze every model weight, move the models to the device in the compute dtype, set memory options."""
+    """Freeze every model weight, move the models to the device in the compute dtype (T5-XXL too: 9.5 GB in bf16
+    instead of 19), set memory options. `unet` is the denoiser, UNet or transformer."""
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
         model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
     vae.eval()
     for text_encoder in text_encoders:
-        text_encoder.train()  # CLIP has no dropout; train mode only lets gradient checkpointing engage
+        without_dropout(text_encoder)
+        text_encoder.train()  # only lets gradient checkpointing engage
         if args.gradient_checkpointing:
             enable_activation_checkpointing(text_encoder)
     if args.gradient_checkpointing:
@@ -1420,33 +1714,64 @@ def vae_factor(config) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def check_vae_factor(args: argparse.Namespace) -> None:
-    """--resolution must divide by the VAE's downsampling factor; read from its config, before any weights load."""
+def check_vae_factor(args: argparse.Namespace, latent_patch: int = 1) -> None:
+    """--resolution must divide by the VAE's downsampling factor times the denoiser's patch (SD3's and Flux's 2x2);
+    read from the VAE's config, before any weights load."""
     from diffusers import AutoencoderKL
 
     try:
         config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
     except (OSError, ValueError) as e:
         raise model_load_error(args, "its vae config", e) from None
-    factor = vae_factor(config)
+    factor = vae_factor(config) * latent_patch
+    what = "the VAE's factor" if latent_patch == 1 else f"the VAE's factor x the {latent_patch}x{latent_patch} patches,"
     if args.resolution % factor:
-        raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}; "
+        raise UsageError(f"--resolution {args.resolution} is not a multiple of {what} {factor}; "
                          f"use e.g. {max(args.resolution // factor, 1) * factor}")
     if args.enable_bucket and args.bucket_reso_steps % factor:
-        raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of the VAE's factor {factor}")
+        raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of {what} {factor}")
+
+
+def embedding_scale(embedding: PlaceholderEmbedding) -> float:
+    """The typical size of one coordinate of this encoder's words (the RMS of the vocabulary rows in use)."""
+    return embedding.reference_norm / math.sqrt(embedding.vectors.shape[1])
+
+
+def learning_rates(embeddings: Sequence[PlaceholderEmbedding], names: Sequence[str], learning_rate: float,
+                   t5_learning_rate: float | None) -> dict[str, float]:
+    """Each learning encoder's rate: --learning_rate for the CLIP encoders, T5's own.
+
+    Adam moves every coordinate by about lr per step, whatever its scale, and T5's token embeddings are far larger
+    than CLIP's (std 1 at initialisation; CLIP's 0.02). At CLIP's rate T5's vectors would barely turn, which is how
+    T5 textual inversion "does nothing" in diffusers' Flux script (same rate for both). So unless
+    --t5_learning_rate is given, T5's rate is --learning_rate x T5's scale over the first (CLIP-L) encoder's.
+    """
+    rates = {}
+    for embedding, name in zip(embeddings, names):
+        if not embedding.vectors.requires_grad:
+            continue
+        rates[name] = learning_rate
+        if name == "t5":
+            scale = embedding_scale(embedding) / embedding_scale(embeddings[0])
+            rates[name] = t5_learning_rate or learning_rate * scale
+    return rates
 
 
 def make_optimizer_and_schedule(args, embeddings: list[PlaceholderEmbedding], learning_rate: float,
-                                max_train_steps: int):
+                                max_train_steps: int, rates: Sequence[float] | None = None):
+    """AdamW over the learning vectors, each at its rate (default: all at learning_rate), and the LR schedule."""
     from diffusers.optimization import get_scheduler
 
     if args.use_8bit_adam:
         size = sum(e.vectors.numel() for e in embeddings)
         logger.info(f"--use_8bit_adam changes nothing here: the optimizer state is num_vectors x dim ({size} values, "
                     f"{size * 8} bytes in fp32), so AdamW keeps it in fp32")
-    optimizer = torch.optim.AdamW([e.vectors for e in embeddings], lr=learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                  eps=args.adam_epsilon)
+    groups: dict[float, list[torch.Tensor]] = {}
+    for embedding, rate in zip(embeddings, rates or [learning_rate] * len(embeddings)):
+        groups.setdefault(rate, []).append(embedding.vectors)
+    optimizer = torch.optim.AdamW([{"params": vectors, "lr": rate} for rate, vectors in groups.items()],
+                                  lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # Stepped once per optimizer step by us, not by accelerate (which would step it once per process).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles)
@@ -1465,7 +1790,7 @@ def validation_every(validation_steps: int, validation_epochs: int | None, num_s
 
 
 def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max_train_steps: int,
-                    learning_rate: float, first_step: int, seed: int) -> None:
+                    learning_rates: dict[str, float], first_step: int, seed: int) -> None:
     lines = [
         "***** Running training *****",
         f"  Model family = {inputs.family} ({len(inputs.tokenizers)} text encoder(s))",
@@ -1478,7 +1803,10 @@ def log_run_summary(args, inputs: Inputs, num_samples: int, plan: BatchPlan, max
         f"  Optimizer steps per epoch = {plan.steps_per_epoch}, "
         f"epochs = {math.ceil(max_train_steps / plan.steps_per_epoch)}",
         f"  Total optimization steps = {max_train_steps} (starting at {first_step})",
-        f"  Learning rate = {learning_rate:g}" + (" (scaled by --scale_lr)" if args.scale_lr else ""),
+        (f"  Learning rate = {next(iter(learning_rates.values())):g}" if len(set(learning_rates.values())) == 1 else
+         f"  Learning rates = {', '.join(f'{name} {rate:g}' for name, rate in learning_rates.items())}")
+        + (" (scaled by --scale_lr)" if args.scale_lr else ""),
+        f"  Text encoders learning = {', '.join(learning_rates)}",
         f"  Placeholder token ids = {inputs.placeholder_token_ids[0]}, seed = {seed}",
     ]
     logger.info("\n".join(lines))
@@ -1537,12 +1865,12 @@ class Validator:
 def validation_loss(models: Models, loss_prompt_ids: torch.Tensor, seed: int) -> float:
     """The loss over every training image (unflipped), at fixed timesteps with fixed noise and posterior draws: the
     same draws at each validation, so its curve shows the vectors changing, not the sampling."""
-    device = models.unet.device
-    num_train = models.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.tensor([int(f * num_train) for f in VALIDATION_LOSS_TIMESTEPS], device=device)
-    k, losses = len(timesteps), []
+    device, factor = models.denoiser.device, vae_factor(models.vae.config)
+    k, losses = len(VALIDATION_LOSS_TIMESTEPS), []
     with torch.no_grad():
         for image in range(len(loss_prompt_ids)):
+            latent_size = [side // factor for side in models.latents.images[image].shape[-2:]]
+            timesteps = models.process.timesteps_at(VALIDATION_LOSS_TIMESTEPS, latent_size, device)
             generator = torch.Generator(device).manual_seed(derived_seed(seed, "validation loss", image))
             batch = {"image_index": torch.full((k,), image), "flip": torch.zeros(k, dtype=torch.bool),
                      "input_ids": loss_prompt_ids[image].expand(k, *loss_prompt_ids.shape[1:])}
@@ -1564,7 +1892,7 @@ def draw_validation_images(pipeline, prompts: Sequence[str], num_images: int, re
                            steps: int = 25) -> list[list[Image.Image]]:
     """num_images per prompt, image i of every prompt from the same starting noise (so rows differ only by the
     prompt, and steps only by the vectors)."""
-    device = pipeline.unet.device
+    device = pipeline.device
     chunk = prompts_per_call(num_images, resolution)
     images = []
     for start in range(0, len(prompts), chunk):
@@ -1596,13 +1924,16 @@ def prompt_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
 
 
 def validation_pipeline(args, accelerator, models: Models):
-    """The family's inference pipeline around this run's models (the vectors in place), with DPM-Solver++."""
-    from diffusers import DPMSolverMultistepScheduler
+    """The family's inference pipeline around this run's models (the vectors in place), with DPM-Solver++ for DDPM
+    families and the pipeline's own sampler for flow-matching ones."""
+    import diffusers
 
+    family = FAMILY_NAMES[models.family]
     pipeline = pipeline_class(models.family).from_pretrained(
         args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
         variant=args.variant, dtype=models.weight_dtype)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    if family.validation_scheduler:
+        pipeline.scheduler = getattr(diffusers, family.validation_scheduler).from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -1610,7 +1941,8 @@ def validation_pipeline(args, accelerator, models: Models):
 def nearest_words_by_key(models: Models, placeholder_token: str) -> dict[str, list[list[str]]]:
     """Each vector's 5 nearest vocabulary words, per text encoder (keyed as saved)."""
     keys = FAMILY_NAMES[models.family].keys(placeholder_token)
-    return {key: nearest_words(e.vectors, e.frozen.weight, tokenizer)
+    # Only the vocabulary: T5's spare rows past it (where its placeholder ids may sit) are no words.
+    return {key: nearest_words(e.vectors, e.frozen.weight[:e.first_placeholder_id], tokenizer)
             for key, e, tokenizer in zip(keys, models.embeddings, models.tokenizers)}
 
 
@@ -1642,11 +1974,16 @@ def validate(run: Run, step: int) -> dict:
     if validator.prompts:
         if validator.pipeline is None:
             validator.pipeline = validation_pipeline(args, accelerator, models)
-        # Not expanded here: the pipeline writes out a multi-vector token itself (TextualInversionLoaderMixin), as it
-        # will for users, and expanding twice would turn "<t> <t>_1" into "<t> <t>_1 <t> <t>_1_1".
-        rows = draw_validation_images(validator.pipeline, validator.prompts, args.num_validation_images,
-                                      args.resolution, run.seed, models.weight_dtype, args.validation_guidance_scale,
-                                      args.validation_inference_steps)
+        # Expanded here only for a pipeline that does not write out a multi-vector token itself (SD3): the others do
+        # (TextualInversionLoaderMixin), as they will for users, and expanding twice would turn "<t> <t>_1" into
+        # "<t> <t>_1 <t> <t>_1_1".
+        family = FAMILY_NAMES[models.family]
+        prompts = [p if family.expands_placeholder else expand_placeholder(p, args.placeholder_token, args.num_vectors)
+                   for p in validator.prompts]
+        guidance_scale = args.validation_guidance_scale
+        guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
+        rows = draw_validation_images(validator.pipeline, prompts, args.num_validation_images, args.resolution,
+                                      run.seed, models.weight_dtype, guidance_scale, args.validation_inference_steps)
         path = Path(args.output_dir, "validation", f"step-{step}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         prompt_grid(rows).save(path)
@@ -1674,12 +2011,12 @@ def pipeline_class(family: str):
 
 def pipeline_parts(accelerator, models: Models) -> dict:
     """The components this run has in memory, as from_pretrained keyword arguments (the scheduler is reloaded)."""
+    family = FAMILY_NAMES[models.family]
     encoders = accelerator.unwrap_model(models.prompt_encoder).text_encoders
-    suffixes = [""] + [f"_{i}" for i in range(2, len(encoders) + 1)]  # text_encoder, text_encoder_2, ...
-    parts = {"unet": models.unet, "vae": models.vae}
-    parts.update({f"text_encoder{suffix}": encoder for suffix, encoder in zip(suffixes, encoders)})
-    parts.update({f"tokenizer{suffix}": tokenizer for suffix, tokenizer in zip(suffixes, models.tokenizers)})
-    parts.update(FAMILY_NAMES[models.family].pipeline_extras)
+    parts = {family.denoiser[0]: models.denoiser, "vae": models.vae}
+    parts.update({name: encoder for (name, _), encoder in zip(family.text_encoders, encoders)})
+    parts.update({name: tokenizer for (name, _), tokenizer in zip(family.tokenizers, models.tokenizers)})
+    parts.update(family.pipeline_extras)
     return parts
 
 
@@ -1705,7 +2042,6 @@ class LossOptions:
     """What shapes the loss beyond the MSE (see training_loss)."""
 
     mask_weights: list[torch.Tensor] | None = None  # per image [2 (flip), 1, h, w], on the device (masks given)
-    snr_gamma: float | None = None  # --snr_gamma
     noise_offset: float = 0.0  # --noise_offset
     embedding_reg_weight: float = 0.0  # --embedding_reg_weight: added to the loss, not part of the logged loss
 
@@ -1714,20 +2050,34 @@ class LossOptions:
 class Models:
     """The frozen pipeline parts and the trainable vectors, as prepared for this process."""
 
-    family: str  # the adapter's name in FAMILY_NAMES: "sd" (SD 1.x/2.x) or "sdxl"
+    family: str  # the adapter's name in FAMILY_NAMES: "sd" (SD 1.x/2.x), "sdxl", "sd3" or "flux"
     tokenizers: list  # one per text encoder
     prompt_encoder: torch.nn.Module  # PromptEncoder, DDP-wrapped when there are several processes
     vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: object
+    denoiser: torch.nn.Module  # the UNet (SD, SDXL) or the transformer (SD3, Flux)
+    process: Diffusion | FlowMatching  # noise, timesteps, target and their weights
     embeddings: list[PlaceholderEmbedding]  # one per text encoder, in the pipeline's order
     weight_dtype: torch.dtype
     latents: ImageLatents
-    time_ids: torch.Tensor | None  # SDXL: [num_images, 6] original size, crop top-left, target size
+    conditions: torch.Tensor | None  # per image: SDXL's [N, 6] size conditions, Flux's [N] guidance; else None
     loss: LossOptions
 
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under its SD/SDXL name."""
+        return self.denoiser
+
+    @property
+    def noise_scheduler(self):
+        return self.process.scheduler
+
+    @property
+    def trained(self) -> list[PlaceholderEmbedding]:
+        """The embeddings that learn (--text_encoders); the others keep the initializer's vectors."""
+        return [embedding for embedding in self.embeddings if embedding.vectors.requires_grad]
+
     def embeds(self, placeholder_token: str) -> dict[str, torch.Tensor]:
-        """The vectors as they are saved: `{token: T}`, or SDXL's `{"clip_l": T, "clip_g": T}`."""
+        """The vectors as they are saved: `{token: T}`, or one key per encoder, e.g. SDXL's `clip_l` and `clip_g`."""
         keys = FAMILY_NAMES[self.family].keys(placeholder_token)
         return {key: embedding.vectors for key, embedding in zip(keys, self.embeddings)}
 
@@ -1773,7 +2123,7 @@ def accumulate_step(accelerator, models: Models, micro_batches: list[dict], step
             loss = training_loss(batch, models, generator)
             objective = loss
             if models.loss.embedding_reg_weight:  # in the same backward, so DDP reduces one gradient per step
-                pull = sum(embedding.pull_to_initial() for embedding in models.embeddings)
+                pull = sum(embedding.pull_to_initial() for embedding in models.trained)
                 objective = loss + models.loss.embedding_reg_weight * pull
             accelerator.backward(objective / len(micro_batches))
         step_loss += loss.detach() / len(micro_batches)
@@ -1898,12 +2248,12 @@ def train(run: Run, dataset, plan: BatchPlan, first_step: int) -> tuple[list[dic
             if not math.isfinite(loss_sum):
                 raise diverged(run, step, loss_sum)
             if run.args.max_grad_norm:
-                accelerator.clip_grad_norm_([e.vectors for e in models.embeddings], run.args.max_grad_norm)
+                accelerator.clip_grad_norm_([e.vectors for e in models.trained], run.args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if run.args.preserve_embedding_norm:
-                for embedding in models.embeddings:
+                for embedding in models.trained:
                     embedding.restore_initial_norms()
 
             done = step + 1
@@ -1996,7 +2346,9 @@ def main(args: argparse.Namespace) -> TrainResult:
     model = Path(args.pretrained_model_name_or_path).expanduser()
     run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
                     # "./pipe", "pipe/" and the absolute path are the same local model
-                    "pretrained_model_name_or_path": str(model.resolve()) if model.exists() else model.as_posix()}
+                    "pretrained_model_name_or_path": str(model.resolve()) if model.exists() else model.as_posix(),
+                    # null: all of the model's (also what checkpoints from before the flag hold)
+                    "text_encoders": ",".join(args.text_encoders) if args.text_encoders else None}
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     resumed = load_checkpoint(resume_path, run_identity) if resume_path else None
     seed = resumed[0]["seed"] if resumed else agree_on_seed(accelerator, args.seed)
@@ -2020,7 +2372,10 @@ def main(args: argparse.Namespace) -> TrainResult:
     if args.scale_lr:
         learning_rate = scaled_learning_rate(learning_rate, args.gradient_accumulation_steps,
                                              args.train_batch_size, accelerator.num_processes)
-    optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.embeddings, learning_rate, max_train_steps)
+    rates = learning_rates(models.embeddings, FAMILY_NAMES[models.family].encoder_names, learning_rate,
+                           args.t5_learning_rate)
+    optimizer, lr_scheduler = make_optimizer_and_schedule(args, models.trained, learning_rate, max_train_steps,
+                                                          list(rates.values()))
     models.prompt_encoder, optimizer = accelerator.prepare(models.prompt_encoder, optimizer)
     validation_steps = validation_every(args.validation_steps, args.validation_epochs, len(dataset))
     validator = make_validator(args, accelerator, inputs) if accelerator.is_main_process else None
@@ -2040,7 +2395,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("textual_inversion", config=tracker_config(args))
-    log_run_summary(args, inputs, len(dataset), plan, max_train_steps, learning_rate, first_step, seed)
+    log_run_summary(args, inputs, len(dataset), plan, max_train_steps, rates, first_step, seed)
     run = Run(args, accelerator, models, optimizer, lr_scheduler, seed, run_identity, max_train_steps,
               validation_steps, validator, scores)
     history, stop_signal = train(run, dataset, plan, first_step)
@@ -2066,21 +2421,25 @@ def main(args: argparse.Namespace) -> TrainResult:
 class Inputs:
     """The user's input, checked and tokenized (once per tokenizer) before any model weights load."""
 
-    family: str  # the adapter's name in FAMILY_NAMES: "sd" or "sdxl"
+    family: str  # the adapter's name in FAMILY_NAMES: "sd", "sdxl", "sd3" or "flux"
     tokenizers: list
     placeholder_token_ids: list[list[int]]  # per tokenizer
     initializer_ids: list[list[int]]  # per tokenizer
-    template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, 77], or [num_images, ...] with captions
+    template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, longest window], or [num_images, ...]
     per_image_prompts: bool  # captions: each image has its own prompts
     images: TrainingImages  # decoded and framed (square or bucket), with masks and sizes
     validation_prompts: list[str]  # validation_prompts(): the reconstruction prompt first; empty: no images
+    trained_encoders: tuple[str, ...]  # the family's encoder_names that learn (--text_encoders)
 
 
 def prepare_inputs(args: argparse.Namespace) -> Inputs:
     """Model family, tokenizer(s) with the new tokens, initializer ids, tokenized templates and decoded images."""
     family = pipeline_family(args)
+    adapter = FAMILY_NAMES[family]
+    trained_encoders = check_family_flags(args, adapter)
     tokenizers = load_tokenizers(args, family)
-    placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors) for t in tokenizers]
+    placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors, name)
+                             for t, (name, _) in zip(tokenizers, adapter.tokenizers)]
     initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
     edits = read_validation_prompts(args.validation_prompt)
     named = [("--validation_prompt", p) for p in edits] + [("--reconstruction_prompt", args.reconstruction_prompt)]
@@ -2103,11 +2462,33 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     if buckets:
         sizes = sorted({tuple(p.shape[1:]) for p in images.pixels})
         logger.info(f"Buckets (height x width) in use: {', '.join(f'{h}x{w}' for h, w in sizes)}")
-    check_vae_factor(args)
+    check_vae_factor(args, adapter.latent_patch)
     prompts = validation_prompts(edits, args.reconstruction_prompt, args.placeholder_token, args.learnable_property,
                                  bool(args.clip_model_name_or_path))
     return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, per_image, images,
-                  prompts)
+                  prompts, trained_encoders)
+
+
+def check_family_flags(args: argparse.Namespace, family) -> tuple[str, ...]:
+    """The flags that only some families take, checked once the family is known; returns the encoders that learn."""
+    names = args.text_encoders or family.encoder_names
+    unknown = [name for name in names if name not in family.encoder_names]
+    if unknown:
+        raise UsageError(f"--text_encoders {','.join(unknown)}: a {family.pipeline} has no such text encoder; choose "
+                         f"from {', '.join(family.encoder_names)}")
+    if family.flow_matching:
+        for flag in ("snr_gamma",):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} is for SD 1.x/2.x/XL (DDPM); a {family.pipeline} trains by flow "
+                                 "matching: use --weighting_scheme")
+        return names
+    defaults = build_parser()
+    for flag in ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
+                 "t5_learning_rate"):
+        if getattr(args, flag) != defaults.get_default(flag):
+            raise UsageError(f"--{flag} is for SD 3/3.5 and Flux (flow matching); a {family.pipeline} does not use "
+                             "it: drop the flag")
+    return names
 
 
 def tokenized_prompts(args: argparse.Namespace, tokenizers: list, image_paths: Sequence[Path]) -> tuple[torch.Tensor,
@@ -2132,28 +2513,42 @@ def tokenized_prompts(args: argparse.Namespace, tokenizers: list, image_paths: S
                 for prompts, wheres in zip(per_image, sources) for p, w in zip(prompts, wheres)]
     for tokenizer in tokenizers:
         check_prompt_lengths(tokenizer, expanded)
-    ids = torch.stack([torch.stack([tokenize_prompts(t, prompts, args.placeholder_token, args.num_vectors)
-                                    for t in tokenizers], dim=1) for prompts in per_image])
+    ids = torch.stack([stack_windows([tokenize_prompts(t, prompts, args.placeholder_token, args.num_vectors)
+                                      for t in tokenizers]) for prompts in per_image])
     return (ids, True) if captions is not None else (ids[0], False)
 
 
+def noise_process(args, family, noise_scheduler) -> Diffusion | FlowMatching:
+    """The family's noise process with the user's loss flags (checked against the family in check_family_flags)."""
+    if not family.flow_matching:
+        # Refuse an unsupported prediction_type now, not at the first step.
+        diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        return Diffusion(noise_scheduler, args.snr_gamma)
+    return FlowMatching(noise_scheduler, args.weighting_scheme or family.weighting_scheme, args.logit_mean,
+                        args.logit_std, args.mode_scale, family.latent_patch)
+
+
 def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
-    noise_scheduler, text_encoders, vae, unet = load_models(args, inputs.family)
-    # Refuse an unsupported prediction_type now, not at the first step.
-    diffusion_target(noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    family = FAMILY_NAMES[inputs.family]
+    noise_scheduler, text_encoders, vae, denoiser = load_models(args, inputs.family)
+    process = noise_process(args, family, noise_scheduler)
     # Each text encoder's vectors start from the initializer in its own embedding space.
     vectors = [initial_vectors(encoder.get_input_embeddings().weight, ids, args.num_vectors)
                for encoder, ids in zip(text_encoders, inputs.initializer_ids)]
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype)
+    freeze_and_place(accelerator, args, text_encoders, vae, denoiser, weight_dtype)
     embeddings = []
     for i, (encoder, tokenizer, ids, start) in enumerate(zip(text_encoders, inputs.tokenizers,
                                                              inputs.placeholder_token_ids, vectors)):
         pool_at_end_of_text(encoder, tokenizer)
         # Installed after the cast so the vectors stay fp32 (with fp32 AdamW state) whatever the compute dtype.
         embedding = install_placeholder_embedding(encoder, ids, start.to(accelerator.device))
-        in_use = vocabulary_ids_in_use(inputs.template_input_ids.select(-2, i), tokenizer.all_special_ids,
-                                       embedding.frozen.num_embeddings)
+        # Not learning (--text_encoders): the vectors stay the initializer's, outside the optimizer and DDP.
+        embedding.vectors.requires_grad_(family.encoder_names[i] in inputs.trained_encoders)
+        # T5's table has spare rows past its vocabulary (32,128 for 32,100 tokens): the placeholder ids can be
+        # among them, and are no vocabulary word.
+        window = inputs.template_input_ids.select(-2, i)[..., :tokenizer.model_max_length]
+        in_use = vocabulary_ids_in_use(window, tokenizer.all_special_ids, min(ids[0], embedding.frozen.num_embeddings))
         embedding.set_reference_norm(in_use + inputs.initializer_ids[i])
         embeddings.append(embedding)
     latents = ImageLatents(inputs.images.pixels, vae)
@@ -2161,16 +2556,16 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
         # The same 3-5 images would otherwise go through the VAE encoder at every step (~15% of an SD step).
         latents.cache()
         logger.info(f"Cached the VAE posterior of {len(inputs.images)} image(s) x 2 flips")
-    family = FAMILY_NAMES[inputs.family]
-    time_ids = family.size_conditions(inputs.images)
-    time_ids = None if time_ids is None else time_ids.to(accelerator.device)
+    conditions = family.conditions(inputs.images, args.guidance_scale)
+    conditions = None if conditions is None else conditions.to(accelerator.device)
     mask_weights = None
     if inputs.images.masks is not None:
         weights = latent_loss_weights(inputs.images.masks, vae_factor(vae.config))
         mask_weights = [w.to(accelerator.device) for w in weights]
-    loss = LossOptions(mask_weights, args.snr_gamma, args.noise_offset, args.embedding_reg_weight)
-    return Models(inputs.family, inputs.tokenizers, PromptEncoder(text_encoders, family), vae, unet, noise_scheduler,
-                  embeddings, weight_dtype, latents, time_ids, loss)
+    loss = LossOptions(mask_weights, args.noise_offset, args.embedding_reg_weight)
+    prompt_encoder = PromptEncoder(text_encoders, family, [t.model_max_length for t in inputs.tokenizers])
+    return Models(inputs.family, inputs.tokenizers, prompt_encoder, vae, denoiser, process, embeddings, weight_dtype,
+                  latents, conditions, loss)
 
 
 def make_validator(args, accelerator, inputs: Inputs) -> Validator:
@@ -2238,9 +2633,12 @@ def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, res
 
 def embeds_metadata(args: argparse.Namespace, step: int) -> dict[str, str]:
     """What a saved .safetensors says about itself; loaders read the token name of an SDXL file from it."""
-    return {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
-            "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
-            "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
+    metadata = {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
+                "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
+                "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
+    if args.text_encoders:  # the others hold the initializer's vectors
+        metadata["trained_text_encoders"] = ",".join(args.text_encoders)
+    return metadata
 
 
 def save_results(args, accelerator, models: Models, step: int) -> list[Path]:

@@ -156,7 +156,7 @@ def floor_times(models, batch_size: int, resolution: int, repeats: int) -> list[
         start = time.perf_counter()
         hidden, pooled = models.prompt_encoder(input_ids)
         added = None if pooled is None else {"text_embeds": pooled.to(models.weight_dtype),
-                                             "time_ids": models.time_ids[:1].expand(batch_size, -1).to(noisy.dtype)}
+                                             "time_ids": models.conditions[:1].expand(batch_size, -1).to(noisy.dtype)}
         prediction = models.unet(noisy, timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added).sample
         F.mse_loss(prediction.float(), target).backward()
         sync(device)

@@ -57,6 +57,22 @@ def tokenizer(tiny_pipeline):
     return CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory) -> Path:
+    """A tiny SD-3-architecture pipeline (CLIP-L, CLIP-G and a tiny T5; flow matching); treat as read-only."""
+    from make_tiny_pipeline import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory) -> Path:
+    """A tiny Flux.1-dev-architecture pipeline (CLIP-L pooled, a tiny T5, guidance embedding); treat as read-only."""
+    from make_tiny_pipeline import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe", seed=0)
+
+
 @pytest.fixture
 def concept_dir(tmp_path) -> Path:
     """A copy of the example concept images, safe to add files to."""

@@ -1,9 +1,10 @@
 """Every flag of `--help`, once each, in a short in-process run on the tiny pipeline.
 
 The flags come from the parser itself, so a flag added later is tried without editing this file: a store_true flag
-is switched on, a flag with a value gets the one in VALUES or, failing that, its default. Each run must train (finite
-losses, learned_embeds that loads) unless the flag is one this machine cannot honour (REFUSED_HERE), in which case it
-must stop with exit code 2 and one `error:` line naming the flag, without a traceback.
+is switched on, a flag with a value gets the one in VALUES or, failing that, its default (never None). The flags only
+SD 3 and Flux.1 take run on the tiny Flux.1 pipeline. Each run must train (finite losses, learned_embeds that loads)
+unless the flag is one this machine cannot honour (REFUSED_HERE), in which case it must stop with exit code 2 and
+one `error:` line naming the flag, without a traceback.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def values(ctx: dict) -> dict[str, object]:
     files it needs first."""
     templates = ctx["tmp"] / "templates.txt"
     templates.write_text("a photo of {}\na drawing of a {}\n")
+    flux = ["--pretrained_model_name_or_path", str(ctx["flux"])]
     return {
         "--pretrained_model_name_or_path": [str(ctx["pipe"])],
         "--train_data_dir": [str(ctx["data"])],
@@ -94,6 +96,15 @@ def values(ctx: dict) -> dict[str, object]:
         "--adam_epsilon": ["1e-6"],
         "--max_grad_norm": ["1e-4"],
         "--snr_gamma": ["5.0"],
+        # SD 1.x has one text encoder; the flow-matching flags are refused on it, so they run on the tiny Flux.1.
+        "--text_encoders": ["clip"],
+        "--t5_learning_rate": ["1e-3", *flux],
+        "--max_sequence_length": ["32", *flux],
+        "--weighting_scheme": ["logit_normal", *flux],
+        "--logit_mean": ["0.5", "--weighting_scheme", "logit_normal", *flux],
+        "--logit_std": ["0.5", "--weighting_scheme", "logit_normal", *flux],
+        "--mode_scale": ["1.0", "--weighting_scheme", "mode", *flux],
+        "--guidance_scale": ["2.0", *flux],
         "--noise_offset": ["0.05"],
         "--seed": ["7"],
         "--mixed_precision": ["bf16"],
@@ -192,15 +203,17 @@ def test_help_lists_every_flag(capsys):
 
 
 @pytest.mark.parametrize("action", flags(), ids=lambda a: a.option_strings[0])
-def test_flag(action, shared_models, tiny_pipeline, concept_dir, tmp_path):
+def test_flag(action, shared_models, tiny_pipeline, tiny_flux_pipeline, concept_dir, tmp_path):
     flag = action.option_strings[0]
-    ctx = {"pipe": tiny_pipeline, "data": concept_dir, "tmp": tmp_path}
+    ctx = {"pipe": tiny_pipeline, "flux": tiny_flux_pipeline, "data": concept_dir, "tmp": tmp_path}
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)):
         given = values(ctx).get(flag, [])
         extra = [flag, *given]
     else:
         given = values(ctx).get(flag)
         given = given(ctx) if callable(given) else given
+        # A default of None means "unset" and has no spelling on the command line ("None" is no value).
+        assert given or action.default is not None, f"{flag} defaults to None: give it a value in values()"
         extra = [flag, *given] if given else [flag, str(action.default)]
     out = tmp_path / "out"
     argv = train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", str(STEPS), *extra)
@@ -218,6 +231,9 @@ def test_flag(action, shared_models, tiny_pipeline, concept_dir, tmp_path):
     assert result.history and all(math.isfinite(h["loss"]) for h in result.history)
     saved = read_embeddings(result.output_path)  # as a user's pipeline would read it
     assert saved and all(torch.isfinite(v).all() for v in result.embeds.values())
+    if str(tiny_flux_pipeline) in extra:  # the flag did reach a Flux.1 run: one set of vectors per text encoder
+        (vectors,) = saved.values()
+        assert set(vectors) == {"clip_l", "t5"} and set(result.embeds) == {"clip_l", "t5"}
 
 
 def test_validation_prompt_without_the_placeholder_warns_once(shared_models, tiny_pipeline, concept_dir, tmp_path):

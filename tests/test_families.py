@@ -58,10 +58,10 @@ def family_of(pipeline) -> str:
 
 def test_family_comes_from_model_index(tiny_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline, tmp_path):
     assert [family_of(p) for p in (tiny_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline)] == ["sd", "sd", "sdxl"]
-    other = tmp_path / "flux"
+    other = tmp_path / "pixart"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(tti.UsageError, match="--pretrained_model_name_or_path .* FluxPipeline"):
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(tti.UsageError, match="--pretrained_model_name_or_path .* PixArtAlphaPipeline"):
         family_of(other)
 
 
