@@ -60,6 +60,24 @@ def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_p
         assert torch.equal(rank0["embeds"][key], rank1["embeds"][key]) and torch.equal(saved[key], rank0["embeds"][key])
 
 
+def test_two_flux_ranks_sync_the_learning_vectors_only(tiny_flux_pipeline, concept_dir, tmp_path):
+    """CLIP-L's and T5's vectors (two AdamW groups) in one all-reduce; with --text_encoders t5, T5's alone."""
+    for encoders, synced in (("clip_l,t5", 2 * (32 + 128)), ("t5", 2 * 128)):
+        out, results = tmp_path / encoders / "out", tmp_path / encoders / "results"
+        results.mkdir(parents=True)
+        launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
+                *train_argv(tiny_flux_pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "2",
+                            "--text_encoders", encoders)],
+               ACCELERATE_USE_CPU="1")
+        rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+        assert rank0["num_processes"] == rank1["num_processes"] == 2
+        assert rank0["synced_numels"] == [synced] * 2  # the learning vectors, nothing else, once per step
+        saved = load_file(out / "learned_embeds.safetensors")
+        for key in ("clip_l", "t5"):
+            assert torch.equal(rank0["embeds"][key], rank1["embeds"][key])
+            assert torch.equal(saved[key], rank0["embeds"][key])
+
+
 def test_two_ranks_stop_early_together_with_norm_controls(tiny_pipeline, concept_dir, tmp_path):
     """The main process validates and decides; both ranks stop at the same step, having synced only the vectors."""
     out, results = tmp_path / "out", tmp_path / "results"
