@@ -577,7 +577,7 @@ class StableDiffusion3:
     scheduler = "FlowMatchEulerDiscreteScheduler"
     flow_matching = True
     latent_patch = 2  # the MMDiT's 2x2 patches
-    max_sequence_length = 77  # diffusers' SD3 script (the pipeline's own default is 256)
+    max_sequence_length = 77  # diffusers' train_dreambooth_sd3.py (the pipeline's own default is 256)
     weighting_scheme = "logit_normal"  # diffusers' SD3 script
     guidance_scale = 7.0
     validation_scheduler = None  # the pipeline's own flow-matching Euler sampler
@@ -640,8 +640,10 @@ class Flux:
     scheduler = "FlowMatchEulerDiscreteScheduler"
     flow_matching = True
     latent_patch = 2  # the 2x2 packing
-    max_sequence_length = 512  # diffusers' Flux script and FluxPipeline
-    weighting_scheme = "none"  # diffusers' Flux script
+    # diffusers' Flux pivotal-tuning script (train_dreambooth_lora_flux_advanced.py, where diffusers trains Flux
+    # embeddings) and FluxPipeline
+    max_sequence_length = 512
+    weighting_scheme = "none"  # diffusers' Flux scripts
     guidance_scale = 3.5  # FluxPipeline's (distilled guidance, no classifier-free guidance)
     validation_scheduler = None
     expands_placeholder = True
