@@ -695,7 +695,10 @@ def draw_report(report: dict, output_dir: Path, path: Path | None = None) -> Pat
     validations = sorted(report.get("validations") or [], key=lambda v: v["step"])
     best = (report.get("best") or {}).get("step")
     shown_steps = set(rows_to_show([v["step"] for v in validations], best, ROW_LIMIT))
-    shown = [v for v in validations if v["step"] in shown_steps]
+    # No strip when no validation drew images (no prompts and no CLIP model): rows of gray "missing" cells would
+    # suggest files were lost.
+    drew = any(v.get("images") for v in validations)
+    shown = [v for v in validations if v["step"] in shown_steps and drew]
 
     # The strip's shape: prompts x images per prompt, and the cell size of the first readable grid.
     grids = [open_grid(output_dir, v) for v in shown]
@@ -753,7 +756,9 @@ def paint(report: dict, layout: Layout, validations: list[dict], shown: list[dic
     y += layout.charts_h
 
     if not shown:
-        draw.text((MARGIN, y), "No validation images yet.", font=font(13), fill=MUTED)
+        text = ("No validation images: give --validation_prompt (or --clip_model_name_or_path) to draw them."
+                if validations else "No validation images yet.")
+        draw.text((MARGIN, y), text, font=font(13), fill=MUTED)
         return picture
 
     # Column heads: what each prompt group measures, and its prompt wrapped to the group's width.

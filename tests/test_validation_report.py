@@ -276,6 +276,17 @@ def test_missing_images_and_null_scores_do_not_crash(tmp_path):
     assert len(find(pixels, cell_color(0, 0))[0]) > 0  # the one good row is still drawn
 
 
+def test_validations_without_images_draw_no_strip_of_missing_cells(tmp_path):
+    """No prompts and no CLIP model: the validations have scores but no images, which is not a file gone missing."""
+    report = flat_report(tmp_path, 3, 1, clip=False)
+    with_strip = read(vr.draw_report(report, tmp_path)).shape[0]
+    for validation in report["validations"]:
+        for key in ("images", "grid", "prompts"):
+            del validation[key]
+    pixels = read(vr.draw_report(report, tmp_path))
+    assert len(find(pixels, vr.MISSING_GRAY)[0]) < 1000 and pixels.shape[0] < with_strip - 3 * 64  # no gray cells
+
+
 def test_empty_report_draws(tmp_path):
     report = {"placeholder_token": "<x>", "rule": "", "best": None, "stopped_early": None, "train_loss": [],
               "validations": []}
