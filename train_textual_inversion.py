@@ -2313,6 +2313,8 @@ def resume_command(args: argparse.Namespace) -> str:
             words += [flag]
         elif isinstance(value, list):  # an appended flag: once per value
             words += [word for item in value for word in (flag, str(item))]
+        elif isinstance(value, tuple):  # a comma-separated flag (--text_encoders)
+            words += [flag, ",".join(value)]
         else:
             words += [flag, str(value)]
     return shlex.join(words + ["--resume_from_checkpoint", "latest"])

@@ -364,3 +364,43 @@ def test_gradient_checkpointing_does_not_change_what_flux_learns(tiny_flux_pipel
     assert all(torch.equal(checkpointed.embeds[key], plain.embeds[key]) for key in plain.embeds)
     start = base_rows(tiny_flux_pipeline, "text_encoder_2")[[toy_id(tiny_flux_pipeline, "tokenizer_2")]]
     assert not torch.allclose(plain.embeds["t5"], start)  # and they did learn something to compare
+
+
+def test_the_resume_command_keeps_text_encoders(tiny_flux_pipeline, concept_dir, tmp_path):
+    import shlex
+
+    args = tti.parse_args(train_argv(tiny_flux_pipeline, concept_dir, tmp_path, "--text_encoders", "t5, clip_l",
+                                     "--guidance_scale", "2.5"))
+    again = tti.parse_args(shlex.split(tti.resume_command(args))[3:])
+    assert again.text_encoders == ("t5", "clip_l") and again.guidance_scale == 2.5
+    assert again.resume_from_checkpoint == "latest"
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_pipeline(tmp_path_factory):
+    from make_tiny_pipeline import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-schnell") / "pipe", seed=0, guidance_embeds=False)
+
+
+@pytest.mark.parametrize("distilled", [True, False], ids=["dev", "schnell"])
+def test_flux_guidance_embedding_only_for_guidance_distilled_models(distilled, tiny_flux_pipeline,
+                                                                    tiny_schnell_pipeline, concept_dir, tmp_path,
+                                                                    watch, monkeypatch):
+    guidance = []
+    train = tti.train
+
+    def spy_on_transformer(run, *rest):
+        forward = run.models.denoiser.forward
+        run.models.denoiser.forward = lambda *a, **k: guidance.append(k["guidance"]) or forward(*a, **k)
+        return train(run, *rest)
+
+    monkeypatch.setattr(tti, "train", spy_on_transformer)
+    pipeline = tiny_flux_pipeline if distilled else tiny_schnell_pipeline
+    result = run(pipeline, concept_dir, tmp_path / "out", "--max_train_steps", "2", "--guidance_scale", "2.5")
+    # 2 training steps, then the validation loss (one call per training image) at the last step
+    assert len(guidance) == 2 + 4 and all(math.isfinite(h["loss"]) for h in result.history)
+    if distilled:  # --guidance_scale for every sample of the batch
+        assert all(torch.equal(g, torch.full((len(g),), 2.5)) for g in guidance)
+    else:
+        assert guidance == [None] * 6
