@@ -27,13 +27,13 @@ ENCODERS = {
 
 
 @pytest.fixture(scope="session")
-def sd3_dir(tmp_path_factory) -> Path:
-    return tiny.build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipe", seed=0)
+def sd3_dir(tiny_sd3_pipeline) -> Path:
+    return tiny_sd3_pipeline  # conftest's, built once per session
 
 
 @pytest.fixture(scope="session")
-def flux_dir(tmp_path_factory) -> Path:
-    return tiny.build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe", seed=0)
+def flux_dir(tiny_flux_pipeline) -> Path:
+    return tiny_flux_pipeline
 
 
 @pytest.fixture
