@@ -2481,10 +2481,9 @@ def check_family_flags(args: argparse.Namespace, family) -> tuple[str, ...]:
         raise UsageError(f"--text_encoders {','.join(unknown)}: a {family.pipeline} has no such text encoder; choose "
                          f"from {', '.join(family.encoder_names)}")
     if family.flow_matching:
-        for flag in ("snr_gamma",):
-            if getattr(args, flag) is not None:
-                raise UsageError(f"--{flag} is for SD 1.x/2.x/XL (DDPM); a {family.pipeline} trains by flow "
-                                 "matching: use --weighting_scheme")
+        if args.snr_gamma is not None:
+            raise UsageError(f"--snr_gamma is for SD 1.x/2.x/XL (DDPM); a {family.pipeline} trains by flow matching: "
+                             "use --weighting_scheme")
         return names
     defaults = build_parser()
     for flag in ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
