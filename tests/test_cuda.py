@@ -1,5 +1,5 @@
-"""The CUDA paths: fp16 and bf16 training on SD and SDXL, the GradScaler across a resume, the fp16 VAE upcast,
-validation under autocast, and the compiled UNet's gradient. `pytest -m cuda` runs them (benchmarks/gpu_check.sh
+"""The CUDA paths: fp16 and bf16 training on SD and SDXL, bf16 on SD3 and Flux, the GradScaler across a resume, the
+fp16 VAE upcast, validation under autocast, and the compiled UNet's gradient. `pytest -m cuda` runs them (benchmarks/gpu_check.sh
 does, on a lent GPU); without CUDA they are skipped."""
 
 from __future__ import annotations
@@ -215,3 +215,36 @@ def test_compiled_unet_gradient_to_the_text_matches_eager(tiny_pipeline, monkeyp
     for _ in range(2):  # the first call compiles; the second runs what was compiled
         got = text_gradient(compiled)
         assert (got - expected).norm() / expected.norm() < 1e-3  # with the layout pass on, 0.69 on a CPU
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sd3_and_flux_train_in_bf16_and_leave_every_other_row_bit_identical(request, family, concept_dir, tmp_path,
+                                                                           monkeypatch):
+    """T5 and the transformer in bf16 on the GPU, the vectors in fp32; every encoder's table unchanged per step."""
+    pipeline = request.getfixturevalue({"sd3": "tiny_sd3_pipeline", "flux": "tiny_flux_pipeline"}[family])
+    seen = {"same": []}
+    make, train = tti.make_optimizer_and_schedule, tti.train
+
+    def watch(args, embeddings, *rest):
+        optimizer, scheduler = make(args, embeddings, *rest)
+        before = [e.frozen.weight.detach().clone() for e in embeddings]
+        step = optimizer.step
+
+        def step_and_check(*a, **k):
+            out = step(*a, **k)
+            seen["same"].append(all(torch.equal(e.frozen.weight, b) for e, b in zip(embeddings, before)))
+            return out
+
+        optimizer.step = step_and_check
+        return optimizer, scheduler
+
+    monkeypatch.setattr(tti, "make_optimizer_and_schedule", watch)
+    monkeypatch.setattr(tti, "train", lambda run, *rest: seen.update(models=run.models) or train(run, *rest))
+    result = run(pipeline, concept_dir, tmp_path / "out", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                 "--max_train_steps", "3", "--validation_prompt", "a photo of <cat-toy>", "--validation_steps", "3",
+                 "--num_validation_images", "1", "--validation_inference_steps", "2")
+    models = seen["models"]
+    assert models.denoiser.device.type == "cuda" and models.denoiser.dtype == torch.bfloat16
+    assert all(e.frozen.weight.dtype == torch.bfloat16 and e.vectors.dtype == torch.float32 for e in models.embeddings)
+    assert seen["same"] == [True] * 3 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert (tmp_path / "out" / "validation" / "step-3.png").is_file()
