@@ -123,7 +123,7 @@ def measure(args: argparse.Namespace, process_start: float) -> dict:
     models = seen["models"]
     steps = [b - a for a, b in zip(seen["stamps"], seen["stamps"][1:])][args.warmup_steps:]
     floor = floor_times(models, args.batch_size, args.resolution, args.floor_repeats or args.steps)
-    weights = sum(t.numel() * t.element_size() for m in (models.prompt_encoder, models.vae, models.unet)
+    weights = sum(t.numel() * t.element_size() for m in (models.prompt_encoder, models.vae, models.denoiser)
                   for t in [*m.parameters(), *m.buffers()])
     return {"step_s": statistics.median(steps), "floor_s": statistics.median(floor),
             "first_step_s": seen["stamps"][1] - seen["stamps"][0],
@@ -135,29 +135,32 @@ def measure(args: argparse.Namespace, process_start: float) -> dict:
 
 
 def floor_times(models, batch_size: int, resolution: int, repeats: int) -> list[float]:
-    """Text encoder + UNet forward and backward to the placeholder vectors, nothing else: the irreducible step."""
+    """Text encoder(s) + denoiser forward and backward to the placeholder vectors, nothing else: the irreducible
+    step (any family: the prediction goes through its adapter)."""
     import torch
     import torch.nn.functional as F
 
+    import train_textual_inversion as tti
+
     device = models.embeddings[0].vectors.device
+    family = tti.FAMILY_NAMES[models.family]
     text = f"a photo of a {models.tokenizers[0].convert_ids_to_tokens(models.embeddings[0].first_placeholder_id)}"
-    input_ids = torch.stack([tokenizer([text] * batch_size, padding="max_length", max_length=77,
-                                       return_tensors="pt").input_ids for tokenizer in models.tokenizers], dim=1)
-    input_ids = input_ids.to(device)
+    input_ids = tti.stack_windows([tokenizer([text] * batch_size, padding="max_length", return_tensors="pt",
+                                             max_length=tokenizer.model_max_length).input_ids
+                                   for tokenizer in models.tokenizers]).to(device)
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    shape = (batch_size, models.unet.config.in_channels, resolution // factor, resolution // factor)
+    shape = (batch_size, models.vae.config.latent_channels, resolution // factor, resolution // factor)
     generator = torch.Generator(device).manual_seed(0)
-    noisy = torch.randn(shape, generator=generator, device=device).to(models.weight_dtype)
+    noisy = torch.randn(shape, generator=generator, device=device)
     target = torch.randn(shape, generator=generator, device=device)
-    timesteps = torch.randint(0, 1000, (batch_size,), generator=generator, device=device)
+    timesteps = models.process.draw_timesteps(noisy, generator)
+    conditions = None if models.conditions is None else models.conditions[[0] * batch_size]
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         sync(device)
         start = time.perf_counter()
         hidden, pooled = models.prompt_encoder(input_ids)
-        added = None if pooled is None else {"text_embeds": pooled.to(models.weight_dtype),
-                                             "time_ids": models.conditions[:1].expand(batch_size, -1).to(noisy.dtype)}
-        prediction = models.unet(noisy, timesteps, hidden.to(models.weight_dtype), added_cond_kwargs=added).sample
+        prediction = family.predict(models.denoiser, noisy, timesteps, hidden, pooled, conditions, models.weight_dtype)
         F.mse_loss(prediction.float(), target).backward()
         sync(device)
         times.append(time.perf_counter() - start)
