@@ -1735,7 +1735,8 @@ def check_vae_factor(args: argparse.Namespace, latent_patch: int = 1) -> None:
 
 
 def embedding_scale(embedding: PlaceholderEmbedding) -> float:
-    """The typical size of one coordinate of this encoder's words (the RMS of the vocabulary rows in use)."""
+    """The typical size of one coordinate of this encoder's words: the median norm of the vocabulary rows in use
+    over sqrt(dim)."""
     return embedding.reference_norm / math.sqrt(embedding.vectors.shape[1])
 
 
@@ -1744,9 +1745,10 @@ def learning_rates(embeddings: Sequence[PlaceholderEmbedding], names: Sequence[s
     """Each learning encoder's rate: --learning_rate for the CLIP encoders, T5's own.
 
     Adam moves every coordinate by about lr per step, whatever its scale, and T5's token embeddings are far larger
-    than CLIP's (std 1 at initialisation; CLIP's 0.02). At CLIP's rate T5's vectors would barely turn, which is how
-    T5 textual inversion "does nothing" in diffusers' Flux script (same rate for both). So unless
-    --t5_learning_rate is given, T5's rate is --learning_rate x T5's scale over the first (CLIP-L) encoder's.
+    than CLIP's (std 1 at initialisation; CLIP's 0.02). At CLIP's rate T5's vectors would barely turn, which fits
+    users' reports that T5 textual inversion with diffusers' Flux script (one rate for both) barely changes the
+    image. So unless --t5_learning_rate is given, T5's rate is --learning_rate x T5's scale over the first (CLIP-L)
+    encoder's.
     """
     rates = {}
     for embedding, name in zip(embeddings, names):
