@@ -26,16 +26,6 @@ ENCODERS = {
 }
 
 
-@pytest.fixture(scope="session")
-def sd3_dir(tiny_sd3_pipeline) -> Path:
-    return tiny_sd3_pipeline  # conftest's, built once per session
-
-
-@pytest.fixture(scope="session")
-def flux_dir(tiny_flux_pipeline) -> Path:
-    return tiny_flux_pipeline
-
-
 @pytest.fixture
 def load(request):
     """`load("sd3" | "flux")`: a fresh pipeline per call (loading tokens mutates it; the tiny ones load in ~0.3 s)."""
@@ -44,7 +34,7 @@ def load(request):
         from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
         pipeline_class = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
-        pipeline = pipeline_class.from_pretrained(request.getfixturevalue(f"{family}_dir"))
+        pipeline = pipeline_class.from_pretrained(request.getfixturevalue(f"tiny_{family}_pipeline"))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -267,7 +257,7 @@ def test_a_token_already_in_the_vocabulary_is_refused(load, tmp_path, family):
 def test_generate_renders_a_grid(request, tmp_path, family, capsys):
     from PIL import Image
 
-    folder = request.getfixturevalue(f"{family}_dir")
+    folder = request.getfixturevalue(f"tiny_{family}_pipeline")
     dims = {"sd3": {"clip_l": L, "clip_g": G, "t5": T5}, "flux": {"clip_l": L, "t5": T5}}[family]
     write_embeds(tmp_path / "learned_embeds.safetensors", dims, n=2)
     grid = tmp_path / "grid.png"
@@ -278,8 +268,8 @@ def test_generate_renders_a_grid(request, tmp_path, family, capsys):
     assert Image.open(grid).size == (64, 32)
 
 
-def test_generate_wants_a_multiple_of_16_for_flux(flux_dir, tmp_path, capsys):
+def test_generate_wants_a_multiple_of_16_for_flux(tiny_flux_pipeline, tmp_path, capsys):
     write_embeds(tmp_path / "learned_embeds.safetensors", {"clip_l": L, "t5": T5}, n=1)
-    assert generate.main(["--pretrained_model_name_or_path", str(flux_dir), "--learned_embeds", str(tmp_path),
+    assert generate.main(["--pretrained_model_name_or_path", str(tiny_flux_pipeline), "--learned_embeds", str(tmp_path),
                           "--prompt", PROMPT, "--resolution", "40", "--device", "cpu"]) == 2
     assert "multiple of 16" in capsys.readouterr().err

@@ -16,16 +16,6 @@ PROMPT = "a photo of a toy"
 CLIP_EMBEDDING_BYTES = tiny.VOCAB_SIZE * 4  # per unit of width: the 49,408-row CLIP token table, float32
 
 
-@pytest.fixture(scope="session")
-def sd3_dir(tiny_sd3_pipeline) -> Path:
-    return tiny_sd3_pipeline  # conftest's, built once per session
-
-
-@pytest.fixture(scope="session")
-def flux_dir(tiny_flux_pipeline) -> Path:
-    return tiny_flux_pipeline
-
-
 def load(pipeline_class, folder: Path):
     pipeline = pipeline_class.from_pretrained(folder)
     pipeline.set_progress_bar_config(disable=True)
@@ -33,31 +23,31 @@ def load(pipeline_class, folder: Path):
 
 
 @pytest.fixture(scope="session")
-def sd3(sd3_dir):
+def sd3(tiny_sd3_pipeline):
     from diffusers import StableDiffusion3Pipeline
 
-    return load(StableDiffusion3Pipeline, sd3_dir)
+    return load(StableDiffusion3Pipeline, tiny_sd3_pipeline)
 
 
 @pytest.fixture(scope="session")
-def flux(flux_dir):
+def flux(tiny_flux_pipeline):
     from diffusers import FluxPipeline
 
-    return load(FluxPipeline, flux_dir)
+    return load(FluxPipeline, tiny_flux_pipeline)
 
 
 @pytest.fixture
-def t5_tokenizer(sd3_dir):
+def t5_tokenizer(tiny_sd3_pipeline):
     """A fresh copy per test (add_tokens mutates it), loaded the way users load the real one."""
     from transformers import T5TokenizerFast
 
-    return T5TokenizerFast.from_pretrained(sd3_dir / "tokenizer_3")
+    return T5TokenizerFast.from_pretrained(tiny_sd3_pipeline / "tokenizer_3")
 
 
 # --- the tiny T5 tokenizer --------------------------------------------------------------------------------------------
 
 
-def test_t5_tokenizer_has_t5s_special_tokens_and_appends_eos(sd3_dir, t5_tokenizer):
+def test_t5_tokenizer_has_t5s_special_tokens_and_appends_eos(tiny_sd3_pipeline, t5_tokenizer):
     from transformers import AutoTokenizer, T5TokenizerFast
 
     tok = t5_tokenizer
@@ -69,7 +59,7 @@ def test_t5_tokenizer_has_t5s_special_tokens_and_appends_eos(sd3_dir, t5_tokeniz
     assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1] and tok.unk_token_id not in ids
     assert tok.convert_ids_to_tokens(ids) == ["▁a", "▁photo", "▁of", "▁a", "▁toy", "</s>"]
     assert tok([PROMPT], padding="max_length", max_length=10).input_ids[0] == ids + [0] * (10 - len(ids))
-    auto = AutoTokenizer.from_pretrained(sd3_dir / "tokenizer_3")
+    auto = AutoTokenizer.from_pretrained(tiny_sd3_pipeline / "tokenizer_3")
     assert isinstance(auto, T5TokenizerFast)
     corpus = tiny.t5_corpus()[:200]
     assert auto(corpus).input_ids == tok(corpus).input_ids
@@ -94,10 +84,10 @@ def test_t5_tokenizer_takes_a_placeholder_token_as_one_new_id(t5_tokenizer):
     assert ids == t5_tokenizer(PROMPT).input_ids[:4] + [new_id, t5_tokenizer.eos_token_id]
 
 
-def test_t5_tokenizer_is_the_same_on_every_build(sd3_dir, tmp_path):
+def test_t5_tokenizer_is_the_same_on_every_build(tiny_sd3_pipeline, tmp_path):
     # the Unigram trainer emits some pieces in hash-map order; build_t5_tokenizer must undo that
     tiny.build_t5_tokenizer(tmp_path)
-    saved = json.loads((sd3_dir / "tokenizer_3" / "tokenizer.json").read_text(encoding="utf-8"))
+    saved = json.loads((tiny_sd3_pipeline / "tokenizer_3" / "tokenizer.json").read_text(encoding="utf-8"))
     again = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert again["model"] == saved["model"]
 
@@ -205,7 +195,7 @@ def test_flux_packing_round_trips_latents():
 # --- what is saved ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sd3_dir", "flux_dir"])
+@pytest.mark.parametrize("name", ["tiny_sd3_pipeline", "tiny_flux_pipeline"])
 def test_weights_are_float32_and_small(request, name):
     folder = request.getfixturevalue(name)
     weights = sorted(folder.glob("*/*.safetensors"))
