@@ -81,6 +81,36 @@ def concept_dir(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def watch_steps(monkeypatch):
+    """What the runs that follow did, from the optimizer's side: each embedding's frozen matrix after every optimizer
+    step ("frozen"), the initial vectors ("initial"), the AdamW groups' learning rates ("rates") and the Run ("run")."""
+    seen = {"frozen": [], "initial": None, "rates": None, "run": None}
+    make, train = tti.make_optimizer_and_schedule, tti.train
+
+    def spy(args, embeddings, *rest):
+        optimizer, scheduler = make(args, embeddings, *rest)
+        seen["initial"] = [e.vectors.detach().clone() for e in embeddings]
+        seen["rates"] = [group["lr"] for group in optimizer.param_groups]
+        step = optimizer.step
+
+        def step_and_record(*a, **k):
+            out = step(*a, **k)
+            seen["frozen"].append([e.frozen.weight.detach().clone() for e in embeddings])
+            return out
+
+        optimizer.step = step_and_record
+        return optimizer, scheduler
+
+    def keep_run(run, *rest):
+        seen["run"] = run
+        return train(run, *rest)
+
+    monkeypatch.setattr(tti, "make_optimizer_and_schedule", spy)
+    monkeypatch.setattr(tti, "train", keep_run)
+    return seen
+
+
 def watch_frozen_rows(monkeypatch, original) -> list[bool]:
     """After every optimizer step of the runs that follow: whether each text encoder's frozen embedding matrix still
     equals `original` bit for bit (one bool per step)."""

@@ -29,29 +29,6 @@ def base_rows(pipeline, subfolder: str) -> torch.Tensor:
     return CLIPTextModel.from_pretrained(pipeline, subfolder=subfolder).get_input_embeddings().weight.detach()
 
 
-@pytest.fixture
-def watch_steps(monkeypatch):
-    """After every optimizer step, record each text encoder's frozen matrix and vectors; also the initial vectors."""
-    seen = {"frozen": [], "initial": None}
-    make = tti.make_optimizer_and_schedule
-
-    def spy(args, embeddings, *rest):
-        optimizer, scheduler = make(args, embeddings, *rest)
-        seen["initial"] = [e.vectors.detach().clone() for e in embeddings]
-        step = optimizer.step
-
-        def step_and_record(*a, **k):
-            out = step(*a, **k)
-            seen["frozen"].append([e.frozen.weight.detach().clone() for e in embeddings])
-            return out
-
-        optimizer.step = step_and_record
-        return optimizer, scheduler
-
-    monkeypatch.setattr(tti, "make_optimizer_and_schedule", spy)
-    return seen
-
-
 def family_of(pipeline) -> str:
     return tti.pipeline_family(argparse.Namespace(pretrained_model_name_or_path=str(pipeline), revision=None))
 

@@ -42,38 +42,9 @@ def toy_id(pipeline, subfolder: str) -> int:
     return token_id
 
 
-@pytest.fixture
-def watch(monkeypatch):
-    """The optimizer's embeddings, their frozen matrices after every step, their initial vectors and its groups."""
-    seen = {"frozen": [], "initial": None, "rates": None, "run": None}
-    make, train = tti.make_optimizer_and_schedule, tti.train
-
-    def spy(args, embeddings, *rest):
-        optimizer, scheduler = make(args, embeddings, *rest)
-        seen["initial"] = [e.vectors.detach().clone() for e in embeddings]
-        seen["rates"] = [group["lr"] for group in optimizer.param_groups]
-        step = optimizer.step
-
-        def step_and_record(*a, **k):
-            out = step(*a, **k)
-            seen["frozen"].append([e.frozen.weight.detach().clone() for e in embeddings])
-            return out
-
-        optimizer.step = step_and_record
-        return optimizer, scheduler
-
-    def keep_run(run, *rest):
-        seen["run"] = run
-        return train(run, *rest)
-
-    monkeypatch.setattr(tti, "make_optimizer_and_schedule", spy)
-    monkeypatch.setattr(tti, "train", keep_run)
-    return seen
-
-
 # ---- training moves exactly the right rows ---------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_every_encoder_learns_its_own_rows_only(family, pipeline_of, concept_dir, tmp_path, watch, monkeypatch):
+def test_every_encoder_learns_its_own_rows_only(family, pipeline_of, concept_dir, tmp_path, watch_steps, monkeypatch):
     pipeline, out = pipeline_of[family], tmp_path / "out"
     drawn = []
     draw = tti.draw_validation_images
@@ -83,13 +54,13 @@ def test_every_encoder_learns_its_own_rows_only(family, pipeline_of, concept_dir
                  "--validation_prompt", "a <cat-toy> on the beach", "--num_validation_images", "1",
                  "--validation_inference_steps", "2", "--checkpointing_steps", "3")
     originals = [base_rows(pipeline, sub) for sub in SUBFOLDERS[family]]
-    assert len(watch["frozen"]) == 3  # every encoder's whole table, bit for bit, after every step
-    for frozen_after_step in watch["frozen"]:
+    assert len(watch_steps["frozen"]) == 3  # every encoder's whole table, bit for bit, after every step
+    for frozen_after_step in watch_steps["frozen"]:
         assert all(torch.equal(f, o) for f, o in zip(frozen_after_step, originals, strict=True))
     # Each encoder's vectors start from "toy" in its own space, and move.
     saved = load_file(out / "learned_embeds.safetensors")
     for key, sub, tokenizer, start, original in zip(ENCODERS[family], SUBFOLDERS[family], TOKENIZERS[family],
-                                                    watch["initial"], originals, strict=True):
+                                                    watch_steps["initial"], originals, strict=True):
         toy = toy_id(pipeline, tokenizer)
         torch.testing.assert_close(start, original[[toy, toy]])
         assert saved[key].shape == (2, original.shape[1]) and not torch.allclose(saved[key], start)
@@ -105,16 +76,16 @@ def test_every_encoder_learns_its_own_rows_only(family, pipeline_of, concept_dir
     assert drawn and all(prompts[1] == expected for prompts in drawn)
 
 
-def test_text_encoders_picks_the_encoders_that_learn(tiny_flux_pipeline, concept_dir, tmp_path, watch):
+def test_text_encoders_picks_the_encoders_that_learn(tiny_flux_pipeline, concept_dir, tmp_path, watch_steps):
     out = tmp_path / "out"
     run(tiny_flux_pipeline, concept_dir, out, "--text_encoders", "t5", "--max_train_steps", "2",
         "--checkpointing_steps", "2")
-    assert len(watch["initial"]) == 1 and watch["initial"][0].shape[1] == base_rows(tiny_flux_pipeline,
+    assert len(watch_steps["initial"]) == 1 and watch_steps["initial"][0].shape[1] == base_rows(tiny_flux_pipeline,
                                                                                     "text_encoder_2").shape[1]
     saved = load_file(out / "learned_embeds.safetensors")
     clip = base_rows(tiny_flux_pipeline, "text_encoder")
     assert torch.equal(saved["clip_l"], clip[[toy_id(tiny_flux_pipeline, "tokenizer")]])  # kept the initializer's
-    assert not torch.allclose(saved["t5"], watch["initial"][0])
+    assert not torch.allclose(saved["t5"], watch_steps["initial"][0])
     with safe_open(str(out / "learned_embeds.safetensors"), "pt") as f:
         assert f.metadata()["trained_text_encoders"] == "t5"
     # A resume must not mix this run with one training other encoders.
@@ -125,16 +96,16 @@ def test_text_encoders_picks_the_encoders_that_learn(tiny_flux_pipeline, concept
         tti.main(tti.parse_args(argv))
 
 
-def test_t5_learns_at_a_rate_scaled_to_its_embeddings(tiny_flux_pipeline, concept_dir, tmp_path, watch):
+def test_t5_learns_at_a_rate_scaled_to_its_embeddings(tiny_flux_pipeline, concept_dir, tmp_path, watch_steps):
     """T5's token embeddings are ~50x CLIP's here (std 1 vs 0.02); at CLIP's rate its vectors would barely turn."""
     scaled = run(tiny_flux_pipeline, concept_dir, tmp_path / "a", "--max_train_steps", "3", "--learning_rate", "1e-3")
-    clip_rate, t5_rate = watch["rates"]
-    embeddings = watch["run"].models.embeddings
+    clip_rate, t5_rate = watch_steps["rates"]
+    embeddings = watch_steps["run"].models.embeddings
     ratio = tti.embedding_scale(embeddings[1]) / tti.embedding_scale(embeddings[0])
     assert clip_rate == 1e-3 and t5_rate == pytest.approx(1e-3 * ratio) and ratio > 10
     same = run(tiny_flux_pipeline, concept_dir, tmp_path / "b", "--max_train_steps", "3", "--learning_rate", "1e-3",
                "--t5_learning_rate", "1e-3")
-    assert watch["rates"] == [1e-3]  # one group when the rates agree
+    assert watch_steps["rates"] == [1e-3]  # one group when the rates agree
     turned = 1 - scaled.history[-1]["cosine_to_init/t5/0"]
     barely = 1 - same.history[-1]["cosine_to_init/t5/0"]
     assert turned > 20 * barely, (turned, barely)
@@ -152,13 +123,13 @@ def pipeline_encoding(family: str, pipeline, prompt: str) -> tuple[torch.Tensor,
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_training_encodes_prompts_as_the_pipeline_and_the_result_loads_and_renders(family, pipeline_of, concept_dir,
-                                                                                   tmp_path, watch):
+                                                                                   tmp_path, watch_steps):
     import diffusers
     from generate import load_learned_embeds, write_out_tokens
 
     pipeline, out = pipeline_of[family], tmp_path / "out"
     run(pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "2")
-    models = watch["run"].models
+    models = watch_steps["run"].models
     prompt = "a photo of a <cat-toy> on the beach"
     ids = tti.stack_windows([tti.tokenize_prompts(t, [prompt], "<cat-toy>", 2) for t in models.tokenizers])
     with torch.no_grad():
@@ -386,7 +357,7 @@ def tiny_schnell_pipeline(tmp_path_factory):
 @pytest.mark.parametrize("distilled", [True, False], ids=["dev", "schnell"])
 def test_flux_guidance_embedding_only_for_guidance_distilled_models(distilled, tiny_flux_pipeline,
                                                                     tiny_schnell_pipeline, concept_dir, tmp_path,
-                                                                    watch, monkeypatch):
+                                                                    monkeypatch):
     guidance = []
     train = tti.train
 
