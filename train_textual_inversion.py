@@ -2072,10 +2072,6 @@ class Models:
         return self.denoiser
 
     @property
-    def noise_scheduler(self):
-        return self.process.scheduler
-
-    @property
     def trained(self) -> list[PlaceholderEmbedding]:
         """The embeddings that learn (--text_encoders); the others keep the initializer's vectors."""
         return [embedding for embedding in self.embeddings if embedding.vectors.requires_grad]
