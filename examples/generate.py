@@ -199,7 +199,7 @@ def load_learned_embeds(pipeline: DiffusionPipeline, path: str | Path) -> list[s
             else:  # SD3's pipeline has no loader
                 add_token_rows(text_encoder, tokenizer, token, vectors[key])
     for text_encoder, tokenizer in slots.values():
-        if text_encoder is not None and is_clip(text_encoder):  # T5 does not pool: Flux and SD3 use its sequence
+        if text_encoder is not None:  # the trainer's function leaves T5 alone (it pools nothing)
             pool_at_end_of_text(text_encoder, tokenizer)
     return list(embeds)
 
