@@ -35,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from embedding_files import embedding_rows, embedding_vectors
+from frozen_models import (SINGLE_FILE_SUFFIXES, ModelSource, UsageError, check_vae_factor, find_model_source,
+                           freeze_and_place, load_models, load_tokenizers, pool_at_end_of_text, vae_factor,
+                           weight_dtype_for)
 from templates import TEMPLATES
 from validation_report import (SELECTION_RULE, SELECTION_RULE_WITHOUT_CLIP, ScoreHistory,
                                describe_validation, write_report)
@@ -54,23 +58,30 @@ REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_
 FLOW_WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 
-class UsageError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
-
-
 # ---- Command line ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Textual inversion: learn a new word for a concept from a few images.")
     a = p.add_argument
-    a("--pretrained_model_name_or_path", required=True, help="Diffusers pipeline folder or hub id.")
+    a("--pretrained_model_name_or_path", required=True,
+      help="Diffusers pipeline folder or hub id, or a single-file SD 1.x/2.x/XL checkpoint (.safetensors, .ckpt).")
+    a("--single_file_config", default=None,
+      help="With a single-file checkpoint: the diffusers folder or hub id its configs and tokenizers come from "
+           "(diffusers' config=; default: the hub folder diffusers picks for the file's model type).")
+    a("--transformer_file", default=None,
+      help="SD 3/3.5 or Flux.1: a transformer file (original layout, fp8 too) used in place of the pipeline's.")
     a("--revision", default=None, help="Revision of the hub model.")
     a("--variant", default=None, help="Weight variant, e.g. fp16.")
     a("--tokenizer_name", default=None, help="Tokenizer folder or id, if not the pipeline's own.")
     # concept
     a("--train_data_dir", required=True, help="Folder with the 3-5 (or more) images of the concept.")
     a("--placeholder_token", required=True, help='The new pseudo-word, e.g. "<cat-toy>". Must be new to the tokenizer.')
-    a("--initializer_token", required=True, help='A coarse word or phrase for the concept ("toy", "teddy bear").')
-    a("--num_vectors", type=int, default=1, help="Embedding vectors for the concept (<tok>, <tok>_1, ...).")
+    a("--initializer_token", default=None,
+      help='A coarse word or phrase for the concept ("toy", "teddy bear"); not with --initial_embeddings.')
+    a("--initial_embeddings", default=None,
+      help="Start from an existing embedding file (diffusers, AUTOMATIC1111, kohya, OneTrainer, SDXL/SD3/Flux keys) "
+           "instead of --initializer_token: to train a word longer, or carry it over to another checkpoint.")
+    a("--num_vectors", type=int, default=None,
+      help="Embedding vectors for the concept (<tok>, <tok>_1, ...); default 1, or --initial_embeddings' count.")
     a("--learnable_property", default="object", help="'object' or 'style': picks the prompt templates.")
     a("--templates", default=None,
       help="Text file of your own templates, one per line: {} marks the token, {caption} an image's caption.")
@@ -206,6 +217,9 @@ def _usage_error(message: str) -> None:
 
 def validate_args(args: argparse.Namespace) -> str | None:
     """Return the first problem with the flags, as a message naming the flag, or None."""
+    problem = validate_model_files(args)  # first: it also fills --num_vectors' default
+    if problem:
+        return problem
     positive = ["num_vectors", "repeats", "resolution", "train_batch_size", "num_train_epochs",
                 "gradient_accumulation_steps", "save_steps", "checkpointing_steps", "validation_steps",
                 "num_validation_images", "validation_inference_steps", "lr_num_cycles"]
@@ -257,7 +271,11 @@ def validate_args(args: argparse.Namespace) -> str | None:
         # diffusers' load_textual_inversion then fails to expand for multi-vector tokens.
         return (f"--placeholder_token {args.placeholder_token!r} has capitals, but CLIP lowercases every prompt; "
                 f"use {args.placeholder_token.lower()!r}")
-    if not args.initializer_token.strip():
+    if args.initial_embeddings is None and args.initializer_token is None:
+        return "--initializer_token is missing: give a coarse word for the concept, e.g. 'toy' (or --initial_embeddings)"
+    if args.initial_embeddings is not None and args.initializer_token is not None:
+        return "--initializer_token and --initial_embeddings both say where the vectors start: choose one"
+    if args.initializer_token is not None and not args.initializer_token.strip():
         return "--initializer_token is empty: give a coarse word for the concept, e.g. 'toy'"
     if args.enable_xformers_memory_efficient_attention and not _importable("xformers"):
         return "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`, or drop the flag"
@@ -270,6 +288,38 @@ def validate_args(args: argparse.Namespace) -> str | None:
     if module and not _importable(module):
         return f"--report_to {args.report_to} needs {module}: `pip install {module}`, or pass --report_to none"
     return validate_paths(args)
+
+
+def validate_model_files(args: argparse.Namespace) -> str | None:
+    """The single-file flags, and --num_vectors from --initial_embeddings' file (its default is the file's count)."""
+    model = Path(args.pretrained_model_name_or_path).expanduser()
+    if model.is_file():
+        if model.suffix not in SINGLE_FILE_SUFFIXES:
+            return (f"--pretrained_model_name_or_path {model} is a {model.suffix or 'suffix-less'} file: give a "
+                    f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers pipeline folder")
+        for flag in ("revision", "variant"):
+            if getattr(args, flag):
+                return f"--{flag} is for a hub pipeline, not a single file ({model.name}): drop it"
+    elif args.single_file_config:
+        return "--single_file_config is for a single-file --pretrained_model_name_or_path: drop it"
+    for flag in ("single_file_config", "transformer_file", "initial_embeddings"):
+        value = getattr(args, flag)
+        if value and flag != "single_file_config" and not Path(value).expanduser().is_file():
+            return f"--{flag} {value} is not a file"
+    if args.single_file_config and Path(args.single_file_config).expanduser().is_file():
+        return f"--single_file_config {args.single_file_config} is a file: give a diffusers folder or hub id"
+    if args.initial_embeddings:
+        try:
+            rows = embedding_rows(Path(args.initial_embeddings).expanduser())
+        except Exception as e:
+            return f"--initial_embeddings {args.initial_embeddings} cannot be read as an embedding ({type(e).__name__})"
+        if args.num_vectors not in (None, rows):
+            return (f"--num_vectors {args.num_vectors} differs from --initial_embeddings {args.initial_embeddings}'s "
+                    f"{rows} vector(s): drop --num_vectors")
+        args.num_vectors = rows  # the flag's default, read from the file (a parse-time default, not a derived value)
+    elif args.num_vectors is None:
+        args.num_vectors = 1
+    return None
 
 
 def validate_buckets(args: argparse.Namespace) -> str | None:
@@ -311,8 +361,9 @@ def validate_paths(args: argparse.Namespace) -> str | None:
         return f"--mask_dir {args.mask_dir} is not a folder: point it at the folder of masks"
     name = args.pretrained_model_name_or_path
     model = Path(name).expanduser()
-    if model.exists() and not (model / "model_index.json").is_file():
-        return f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder"
+    if model.is_dir() and not (model / "model_index.json").is_file():
+        return (f"--pretrained_model_name_or_path {model} has no model_index.json: give a diffusers pipeline folder "
+                "or a single-file checkpoint")
     if not model.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a path, not a hub id
         return f"--pretrained_model_name_or_path {name} does not exist"
     clip = args.clip_model_name_or_path
@@ -1421,100 +1472,6 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict[str, torch.T
 
 
 # ---- Models and the training step ------------------------------------------------------------------------------------
-def model_load_error(args: argparse.Namespace, what: str, error: Exception) -> UsageError:
-    """A from_pretrained failure as one line naming the flag that most likely caused it (--variant, --revision or
-    the model itself) and what to do; the library's own first line says which file was missing."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-    name = args.pretrained_model_name_or_path
-    if getattr(args, "variant", None) and f".{args.variant}." in str(error):
-        return UsageError(f"--variant {args.variant}: {name} has no {args.variant} weights for {what} ({detail}); "
-                          "drop --variant or name a variant the model has")
-    if args.revision:
-        return UsageError(f"--revision {args.revision}: {name}: cannot load {what} at that revision ({detail}); "
-                          "check the revision (a branch, tag or commit of the model) or drop --revision")
-    return UsageError(f"--pretrained_model_name_or_path {name}: cannot load {what} ({detail}); give a diffusers "
-                      "pipeline folder or a hub id this machine can reach")
-
-
-def pipeline_family(args: argparse.Namespace) -> str:
-    """The family's name ('sd' for SD 1.x and 2.x, 'sdxl', 'sd3', 'flux'), read from the pipeline's
-    model_index.json."""
-    from diffusers import DiffusionPipeline
-
-    name = args.pretrained_model_name_or_path
-    try:
-        class_name = DiffusionPipeline.load_config(name, revision=args.revision).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise model_load_error(args, "its model_index.json", e) from None
-    if class_name not in FAMILIES:
-        raise UsageError(f"--pretrained_model_name_or_path {name} is a {class_name}; this script trains "
-                         f"{', '.join(FAMILIES)} models (SD 1.x, 2.x, XL, 3/3.5 and Flux.1)")
-    return FAMILIES[class_name].name
-
-
-def load_models(args: argparse.Namespace, family: str):
-    """Scheduler, text encoder(s), VAE and denoiser (UNet or transformer): the ordinary from_pretrained path, local
-    folder or hub id alike."""
-    import diffusers
-    import transformers
-
-    adapter = FAMILY_NAMES[family]
-    source = dict(revision=args.revision, variant=args.variant)
-    name = args.pretrained_model_name_or_path
-    subfolder = "scheduler"
-    try:
-        noise_scheduler = getattr(diffusers, adapter.scheduler).from_pretrained(name, subfolder=subfolder,
-                                                                                 revision=args.revision)
-        text_encoders = []
-        for subfolder, class_name in adapter.text_encoders:
-            text_encoders.append(getattr(transformers, class_name).from_pretrained(name, subfolder=subfolder, **source))
-        subfolder = "vae"
-        vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder=subfolder, **source)
-        subfolder, class_name = adapter.denoiser
-        denoiser = getattr(diffusers, class_name).from_pretrained(name, subfolder=subfolder, **source)
-    except (OSError, ValueError) as e:  # a missing variant or revision, a hub id out of reach, a damaged file
-        raise model_load_error(args, f"its {subfolder}", e) from None
-    return noise_scheduler, text_encoders, vae, denoiser
-
-
-def load_tokenizers(args: argparse.Namespace, family: str) -> list:
-    """The pipeline's tokenizer(s), one per text encoder; --tokenizer_name replaces a one-tokenizer pipeline's.
-    A T5 tokenizer's window becomes --max_sequence_length (or the family's default)."""
-    import transformers
-
-    adapter = FAMILY_NAMES[family]
-    if args.tokenizer_name and len(adapter.tokenizers) > 1:
-        raise UsageError("--tokenizer_name is for SD 1.x/2.x pipelines; the tokenizers of SDXL, SD3 and Flux come "
-                         "from the pipeline")
-    name = args.tokenizer_name or args.pretrained_model_name_or_path
-    try:
-        if args.tokenizer_name:
-            return [transformers.CLIPTokenizer.from_pretrained(name)]
-        tokenizers = [getattr(transformers, class_name).from_pretrained(name, subfolder=sub, revision=args.revision)
-                      for sub, class_name in adapter.tokenizers]
-    except (OSError, ValueError) as e:  # not found, offline, no tokenizer folder: say which, without a traceback
-        if args.tokenizer_name:
-            raise UsageError(f"--tokenizer_name {name}: cannot load it ({str(e).splitlines()[0]})") from None
-        raise model_load_error(args, "its tokenizer", e) from None
-    for (_, class_name), tokenizer in zip(adapter.tokenizers, tokenizers):
-        if class_name.startswith("T5"):
-            tokenizer.model_max_length = args.max_sequence_length or adapter.max_sequence_length
-    return tokenizers
-
-
-def pool_at_end_of_text(text_encoder, tokenizer) -> None:
-    """Pool CLIP's output at the end-of-text token, not at the largest token id.
-
-    Configs older than transformers' fix (eos_token_id 2, as in SD and SDXL) make CLIP pool at the largest id, which
-    is a placeholder's once one is added. SDXL's UNet is conditioned on that pooled vector; SDXL was trained with it
-    taken at end-of-text, and AUTOMATIC1111, ComfyUI and kohya take it there. SD 1.x/2.x do not use it.
-    """
-    if not text_encoder.config.model_type.startswith("clip"):  # T5 pools nothing
-        return
-    pooling_module = getattr(text_encoder, "text_model", text_encoder)  # where the model keeps its copy of the id
-    text_encoder.config.eos_token_id = pooling_module.eos_token_id = tokenizer.eos_token_id
-
-
 def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet should predict, per the scheduler's prediction_type."""
@@ -1652,86 +1609,6 @@ def agree_on_seed(accelerator, seed: int | None) -> int:
         seed = [int.from_bytes(os.urandom(4), "little") if accelerator.is_main_process else 0]
         seed = broadcast_object_list(seed)[0]
     return seed
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    """Frozen weights run in the compute dtype; only the trainable vectors need fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def vae_dtype_for(weight_dtype: torch.dtype, vae) -> torch.dtype:
-    """SD VAEs overflow to NaN in fp16 (their configs say `force_upcast`); bf16 has fp32's range and is safe."""
-    return torch.float32 if weight_dtype == torch.float16 and vae.config.get("force_upcast", True) else weight_dtype
-
-
-def without_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout probability (T5 has 0.1; CLIP none): a frozen encoder must compute what it computes at
-    inference, while in train mode, the only mode in which transformers engages gradient checkpointing."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        elif isinstance(getattr(module, "dropout", None), float):  # attention dropout kept as a probability
-            module.dropout = 0.0
-
-
-def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: torch.dtype) -> None:
-    """Freeze every model weight, move the models to the device in the compute dtype (T5-XXL too: 9.5 GB in bf16
-    instead of 19), set memory options. `unet` is the denoiser, UNet or transformer."""
-    for model in (*text_encoders, vae, unet):
-        model.requires_grad_(False)
-        model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
-    vae.eval()
-    for text_encoder in text_encoders:
-        without_dropout(text_encoder)
-        text_encoder.train()  # only lets gradient checkpointing engage
-        if args.gradient_checkpointing:
-            enable_activation_checkpointing(text_encoder)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()
-    if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default
-        unet.enable_xformers_memory_efficient_attention()
-    if args.compile_unet:
-        # `from ... import`, not `import torch._inductor.config`: the latter would make `torch` a local name of this
-        # whole function and break every other use of it here (it once broke --allow_tf32).
-        from torch._inductor import config as inductor_config
-
-        # With its channels-last layout pass, Inductor (torch 2.13, CPU) silently gets the gradient to the text
-        # conditioning wrong through the UNet's nearest upsampling; tests/test_speed.py compares with eager.
-        inductor_config.layout_optimization = False
-        unet.compile()  # in place: the module stays a UNet2DConditionModel for validation and saving
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-
-def enable_activation_checkpointing(text_encoder) -> None:
-    """transformers >= 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns); older ones only
-    have the old name."""
-    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-    (enable or text_encoder.gradient_checkpointing_enable)()
-
-
-def vae_factor(config) -> int:
-    """How much the VAE downsamples: 2 per block after the first (8 for every Stable Diffusion VAE)."""
-    return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def check_vae_factor(args: argparse.Namespace, latent_patch: int = 1) -> None:
-    """--resolution must divide by the VAE's downsampling factor times the denoiser's patch (SD3's and Flux's 2x2);
-    read from the VAE's config, before any weights load."""
-    from diffusers import AutoencoderKL
-
-    try:
-        config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
-    except (OSError, ValueError) as e:
-        raise model_load_error(args, "its vae config", e) from None
-    factor = vae_factor(config) * latent_patch
-    what = "the VAE's factor" if latent_patch == 1 else f"the VAE's factor x the {latent_patch}x{latent_patch} patches,"
-    if args.resolution % factor:
-        raise UsageError(f"--resolution {args.resolution} is not a multiple of {what} {factor}; "
-                         f"use e.g. {max(args.resolution // factor, 1) * factor}")
-    if args.enable_bucket and args.bucket_reso_steps % factor:
-        raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of {what} {factor}")
 
 
 def embedding_scale(embedding: PlaceholderEmbedding) -> float:
@@ -1934,8 +1811,8 @@ def validation_pipeline(args, accelerator, models: Models):
 
     family = FAMILY_NAMES[models.family]
     pipeline = pipeline_class(models.family).from_pretrained(
-        args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
-        variant=args.variant, dtype=models.weight_dtype)
+        models.source.config, **pipeline_parts(accelerator, models), revision=models.source.revision,
+        dtype=models.weight_dtype)
     if family.validation_scheduler:
         pipeline.scheduler = getattr(diffusers, family.validation_scheduler).from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -2032,8 +1909,7 @@ def save_full_pipeline(args, accelerator, models: Models) -> None:
         encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings
     try:
         pipeline = pipeline_class(models.family).from_pretrained(
-            args.pretrained_model_name_or_path, **pipeline_parts(accelerator, models), revision=args.revision,
-            variant=args.variant)
+            models.source.config, **pipeline_parts(accelerator, models), revision=models.source.revision)
         pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
     finally:
         for encoder, embedding in zip(encoders, models.embeddings):
@@ -2065,6 +1941,7 @@ class Models:
     latents: ImageLatents
     conditions: torch.Tensor | None  # per image: SDXL's [N, 6] size conditions, Flux's [N] guidance; else None
     loss: LossOptions
+    source: ModelSource  # where the frozen weights came from: the configs the validation pipeline is built on
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -2183,7 +2060,7 @@ def save_step_outputs(run: Run, done: int, force_checkpoint: bool = False) -> bo
     saying what was written. Returns whether early stopping ends the run here."""
     args, accelerator = run.args, run.accelerator
     output_dir, safe = Path(args.output_dir), not args.no_safe_serialization
-    embeds, metadata = run.models.embeds(args.placeholder_token), embeds_metadata(args, done)
+    embeds, metadata = run.models.embeds(args.placeholder_token), embeds_metadata(args, run.models.source, done)
     written, validation, stop_early = [], None, False
     if is_validation_step(run, done) and not force_checkpoint:  # first: the checkpoint keeps its scores
         validation, stop_early = record_validation(run, done, embeds, metadata)
@@ -2287,7 +2164,7 @@ def diverged(run: Run, step: int, loss: float) -> TrainingStopped:
     kept = ""
     if run.accelerator.is_main_process and all(torch.isfinite(v).all() for v in embeds.values()):
         paths = save_result_files(embeds, Path(args.output_dir), f"-steps-{step}", args.placeholder_token,
-                                  not args.no_safe_serialization, embeds_metadata(args, step))
+                                  not args.no_safe_serialization, embeds_metadata(args, run.models.source, step))
         kept = f" The last good vectors (after step {step}) are in {paths[0]} and {paths[1].name}."
     return TrainingStopped(
         f"the loss became {loss} at step {step + 1}; nothing of that step was applied.{kept} Lower --learning_rate, "
@@ -2345,12 +2222,15 @@ def main(args: argparse.Namespace) -> TrainResult:
     logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
                 f"mixed precision {accelerator.mixed_precision}")
     output_dir = Path(args.output_dir)
-    model = Path(args.pretrained_model_name_or_path).expanduser()
+    # Where the weights are (a folder, hub id or file: read from keys and configs, no weights yet).
+    source = find_model_source(args.pretrained_model_name_or_path, args.revision, args.variant,
+                               args.single_file_config, args.transformer_file)
     run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
-                    # "./pipe", "pipe/" and the absolute path are the same local model
-                    "pretrained_model_name_or_path": str(model.resolve()) if model.exists() else model.as_posix(),
+                    **source.identity(),
                     # null: all of the model's (also what checkpoints from before the flag hold)
                     "text_encoders": ",".join(args.text_encoders) if args.text_encoders else None}
+    if args.initial_embeddings:  # only then, so checkpoints from before the flag still match
+        run_identity["initial_embeddings"] = str(Path(args.initial_embeddings).expanduser().resolve())
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     resumed = load_checkpoint(resume_path, run_identity) if resume_path else None
     seed = resumed[0]["seed"] if resumed else agree_on_seed(accelerator, args.seed)
@@ -2359,7 +2239,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     set_seed(seed)
 
     # 2. Model family, tokens, templates and images: the user's input is checked before the big models load.
-    inputs = prepare_inputs(args)
+    inputs = prepare_inputs(args, source)
 
     # 3. Frozen models in the compute dtype; the placeholder rows become the only trainable tensors; image latents.
     models = load_frozen_models(args, accelerator, inputs)
@@ -2388,7 +2268,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     if resumed:
         first_step = restore_checkpoint(accelerator, models, optimizer, lr_scheduler, resumed, max_train_steps,
                                         args.placeholder_token)
-        scores = restore_scores(args, accelerator, resumed, scores.rule)
+        scores = restore_scores(args, accelerator, source, resumed, scores.rule)
         logger.info(f"Resuming from {resume_path} at step {first_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {output_dir}; starting a new run")
@@ -2424,9 +2304,11 @@ class Inputs:
     """The user's input, checked and tokenized (once per tokenizer) before any model weights load."""
 
     family: str  # the adapter's name in FAMILY_NAMES: "sd", "sdxl", "sd3" or "flux"
+    source: ModelSource  # where the frozen weights are
     tokenizers: list
     placeholder_token_ids: list[list[int]]  # per tokenizer
-    initializer_ids: list[list[int]]  # per tokenizer
+    initializer_ids: list[list[int]]  # per tokenizer (none with --initial_embeddings)
+    initial_vectors: list[torch.Tensor] | None  # per encoder, from --initial_embeddings
     template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, longest window], or [num_images, ...]
     per_image_prompts: bool  # captions: each image has its own prompts
     images: TrainingImages  # decoded and framed (square or bucket), with masks and sizes
@@ -2434,15 +2316,55 @@ class Inputs:
     trained_encoders: tuple[str, ...]  # the family's encoder_names that learn (--text_encoders)
 
 
-def prepare_inputs(args: argparse.Namespace) -> Inputs:
-    """Model family, tokenizer(s) with the new tokens, initializer ids, tokenized templates and decoded images."""
-    family = pipeline_family(args)
-    adapter = FAMILY_NAMES[family]
+def model_family(source: ModelSource):
+    """The family's adapter, from the pipeline class of the source's configs."""
+    if source.pipeline not in FAMILIES:
+        raise UsageError(f"--pretrained_model_name_or_path {source.name} is a {source.pipeline}; this script trains "
+                         f"{', '.join(FAMILIES)} models (SD 1.x, 2.x, XL, 3/3.5 and Flux.1)")
+    return FAMILIES[source.pipeline]
+
+
+def encoder_widths(source: ModelSource, adapter) -> list[int]:
+    """Each text encoder's token-embedding width, from its config (no weights): what an --initial_embeddings file's
+    vectors must match."""
+    import transformers
+
+    widths = []
+    for subfolder, class_name in adapter.text_encoders:
+        config = getattr(transformers, class_name).config_class.from_pretrained(source.config, subfolder=subfolder,
+                                                                                revision=source.revision)
+        widths.append(getattr(config, "hidden_size", None) or config.d_model)
+    return widths
+
+
+def read_initial_embeddings(path: str, adapter, encoder_widths: Sequence[int]) -> list[torch.Tensor]:
+    """--initial_embeddings' vectors per text encoder, checked against the family and each encoder's width."""
+    try:
+        vectors = embedding_vectors(Path(path).expanduser(), adapter.encoder_names)
+    except ValueError as e:
+        raise UsageError(f"--initial_embeddings {path} {e}") from None
+    for name, v, width in zip(adapter.encoder_names, vectors, encoder_widths):
+        if v.shape[-1] != width:
+            raise UsageError(f"--initial_embeddings {path} has {v.shape[-1]}-wide {name} vectors, but this model's "
+                             f"{name} encoder is {width} wide: an embedding for another model")
+    return vectors
+
+
+def prepare_inputs(args: argparse.Namespace, source: ModelSource) -> Inputs:
+    """Model family, tokenizer(s) with the new tokens, initializer ids or starting vectors, tokenized templates and
+    decoded images."""
+    adapter = model_family(source)
+    family = adapter.name
     trained_encoders = check_family_flags(args, adapter)
-    tokenizers = load_tokenizers(args, family)
+    tokenizers = load_tokenizers(source, adapter, args.tokenizer_name, args.max_sequence_length)
     placeholder_token_ids = [add_placeholder_tokens(t, args.placeholder_token, args.num_vectors, name)
                              for t, (name, _) in zip(tokenizers, adapter.tokenizers)]
-    initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
+    starts = None
+    if args.initial_embeddings:
+        starts = read_initial_embeddings(args.initial_embeddings, adapter, encoder_widths(source, adapter))
+        initializer_ids = [[] for _ in tokenizers]
+    else:
+        initializer_ids = [initializer_token_ids(t, args.initializer_token) for t in tokenizers]
     edits = read_validation_prompts(args.validation_prompt)
     named = [("--validation_prompt", p) for p in edits] + [("--reconstruction_prompt", args.reconstruction_prompt)]
     for flag, prompt in named:
@@ -2464,11 +2386,12 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     if buckets:
         sizes = sorted({tuple(p.shape[1:]) for p in images.pixels})
         logger.info(f"Buckets (height x width) in use: {', '.join(f'{h}x{w}' for h, w in sizes)}")
-    check_vae_factor(args, adapter.latent_patch)
+    check_vae_factor(source, args.resolution, args.bucket_reso_steps if args.enable_bucket else None,
+                     adapter.latent_patch)
     prompts = validation_prompts(edits, args.reconstruction_prompt, args.placeholder_token, args.learnable_property,
                                  bool(args.clip_model_name_or_path))
-    return Inputs(family, tokenizers, placeholder_token_ids, initializer_ids, template_input_ids, per_image, images,
-                  prompts, trained_encoders)
+    return Inputs(family, source, tokenizers, placeholder_token_ids, initializer_ids, starts, template_input_ids,
+                  per_image, images, prompts, trained_encoders)
 
 
 def check_family_flags(args: argparse.Namespace, family) -> tuple[str, ...]:
@@ -2531,12 +2454,13 @@ def noise_process(args, family, noise_scheduler) -> Diffusion | FlowMatching:
 
 def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
     family = FAMILY_NAMES[inputs.family]
-    noise_scheduler, text_encoders, vae, denoiser = load_models(args, inputs.family)
-    process = noise_process(args, family, noise_scheduler)
-    # Each text encoder's vectors start from the initializer in its own embedding space.
-    vectors = [initial_vectors(encoder.get_input_embeddings().weight, ids, args.num_vectors)
-               for encoder, ids in zip(text_encoders, inputs.initializer_ids)]
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    noise_scheduler, text_encoders, vae, denoiser = load_models(inputs.source, family, inputs.tokenizers,
+                                                                weight_dtype)
+    process = noise_process(args, family, noise_scheduler)
+    # Each text encoder's vectors start from the initializer in its own embedding space (or from the file's).
+    vectors = inputs.initial_vectors or [initial_vectors(encoder.get_input_embeddings().weight, ids, args.num_vectors)
+                                         for encoder, ids in zip(text_encoders, inputs.initializer_ids)]
     freeze_and_place(accelerator, args, text_encoders, vae, denoiser, weight_dtype)
     embeddings = []
     for i, (encoder, tokenizer, ids, start) in enumerate(zip(text_encoders, inputs.tokenizers,
@@ -2566,7 +2490,7 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
     loss = LossOptions(mask_weights, args.noise_offset, args.embedding_reg_weight)
     prompt_encoder = PromptEncoder(text_encoders, family, [t.model_max_length for t in inputs.tokenizers])
     return Models(inputs.family, inputs.tokenizers, prompt_encoder, vae, denoiser, process, embeddings, weight_dtype,
-                  latents, conditions, loss)
+                  latents, conditions, loss, inputs.source)
 
 
 def make_validator(args, accelerator, inputs: Inputs) -> Validator:
@@ -2588,7 +2512,7 @@ def make_validator(args, accelerator, inputs: Inputs) -> Validator:
     return Validator(inputs.validation_prompts, loss_prompt_ids, references, scorer)
 
 
-def restore_scores(args, accelerator, resumed: tuple, rule: str) -> ScoreHistory:
+def restore_scores(args, accelerator, source: ModelSource, resumed: tuple, rule: str) -> ScoreHistory:
     """The checkpoint's validations and best step; its best vectors go back into learned_embeds-best (a later
     validation before the interruption may have overwritten it)."""
     training_state, _, state = resumed
@@ -2597,7 +2521,7 @@ def restore_scores(args, accelerator, resumed: tuple, rule: str) -> ScoreHistory
     scores = ScoreHistory.from_json(training_state["scores"], state["validation_embeds"])
     if accelerator.is_main_process and scores.best_embeds is not None:
         save_result_files(scores.best_embeds, Path(args.output_dir), "-best", args.placeholder_token,
-                          not args.no_safe_serialization, embeds_metadata(args, scores.best["step"]))
+                          not args.no_safe_serialization, embeds_metadata(args, source, scores.best["step"]))
     return scores
 
 
@@ -2632,11 +2556,14 @@ def restore_checkpoint(accelerator, models: Models, optimizer, lr_scheduler, res
     return min(training_state["step"], max_train_steps)  # a resume never trains past --max_train_steps
 
 
-def embeds_metadata(args: argparse.Namespace, step: int) -> dict[str, str]:
-    """What a saved .safetensors says about itself; loaders read the token name of an SDXL file from it."""
+def embeds_metadata(args: argparse.Namespace, source: ModelSource, step: int) -> dict[str, str]:
+    """What a saved .safetensors says about itself (loaders read the token name of an SDXL file from it), and which
+    base model it was trained on: a file's name and short hash (source.provenance)."""
+    start = {"initializer_token": args.initializer_token} if args.initializer_token else {
+        "initial_embeddings": Path(args.initial_embeddings).name}
     metadata = {"step": str(step), "placeholder_token": args.placeholder_token, "num_vectors": str(args.num_vectors),
-                "initializer_token": args.initializer_token, "learnable_property": args.learnable_property,
-                "base_model": args.pretrained_model_name_or_path, "script_version": __version__}
+                **start, "learnable_property": args.learnable_property, **source.provenance(),
+                "script_version": __version__}
     if args.text_encoders:  # the others hold the initializer's vectors
         metadata["trained_text_encoders"] = ",".join(args.text_encoders)
     return metadata
@@ -2645,7 +2572,7 @@ def embeds_metadata(args: argparse.Namespace, step: int) -> dict[str, str]:
 def save_results(args, accelerator, models: Models, step: int) -> list[Path]:
     """The final learned_embeds (diffusers) and <word> (the apps) files, and the full pipeline if asked for."""
     paths = save_result_files(models.embeds(args.placeholder_token), Path(args.output_dir), "", args.placeholder_token,
-                              not args.no_safe_serialization, embeds_metadata(args, step))
+                              not args.no_safe_serialization, embeds_metadata(args, models.source, step))
     if args.save_as_full_pipeline:
         save_full_pipeline(args, accelerator, models)
     logger.info(f"Saved {paths[0]} (diffusers) and {paths[1].name} (AUTOMATIC1111/Forge, ComfyUI, kohya, InvokeAI: "

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The same grid as the trainer's validation images, and the same CLIP pooling as in training.
 from train_textual_inversion import image_grid, placeholder_token_names, pool_at_end_of_text  # noqa: E402
+# The reader of every embedding format, shared with the trainer's --initial_embeddings.
+from embedding_files import read_embeddings  # noqa: E402,F401
 
 # diffusers is imported in main(), after the argument checks: importing it is
 # slow and makes transformers log warnings, which would bury a one-line error.
@@ -43,41 +43,6 @@ def resolve_embeds_path(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"learned embeddings not found: {path}")
     return path
-
-
-def read_embeddings(file: Path) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
-    """`{token: tensor[n, dim]}`, or for the multi-encoder families `{token: {"clip_l": T, "clip_g": T, "t5": T}}`
-    (SDXL without "t5", Flux.1 without "clip_g"), from every common format.
-
-    diffusers `{token: T}`; AUTOMATIC1111 `.pt` (`string_to_param`); kohya/InvokeAI `{"emb_params": T}`; OneTrainer
-    `{"emp_params": T}`; SDXL `{"clip_l": T, "clip_g": T}` (kohya, AUTOMATIC1111, ComfyUI, InvokeAI and this
-    project's trainer); SD3 `{"clip_l", "clip_g", "t5"}` and Flux.1 `{"clip_l", "t5"}`, with the T5 vectors under
-    "t5" (OneTrainer, diffusers' Flux script) and/or "t5xxl" (ComfyUI); "t5" wins when both are there. Files
-    without a usable token name take it from the `placeholder_token` our trainer writes into a .safetensors'
-    metadata or else, as in every app, from the file name ("my-toy.pt" -> "my-toy").
-    """
-    # Read the file ourselves (rather than handing load_textual_inversion the path) so we know the token names and
-    # can accept files with several tokens; weights_only keeps a .pt/.bin from running arbitrary pickled code.
-    metadata = {}
-    if file.suffix == ".safetensors":
-        state = load_file(file)
-        with safe_open(str(file), "pt") as f:
-            metadata = f.metadata() or {}
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    token = metadata.get("placeholder_token", file.stem)
-    if "string_to_param" in state:
-        return {file.stem: next(iter(state["string_to_param"].values())).float()}
-    for key in ("emb_params", "emp_params"):
-        if key in state:  # kohya's and InvokeAI's layout, also this trainer's <word> files
-            return {token: state[key].float()}
-    t5 = state.get("t5", state.get("t5xxl"))
-    if "clip_l" in state and t5 is not None:  # SD3 (with clip_g) or Flux.1 (without)
-        clips = {key: state[key].float() for key in ("clip_l", "clip_g") if key in state}
-        return {token: {**clips, "t5": t5.float()}}
-    if {"clip_l", "clip_g"} <= set(state):
-        return {token: {"clip_l": state["clip_l"].float(), "clip_g": state["clip_g"].float()}}
-    return state
 
 
 SINGLE = "single"  # the one text encoder of SD 1.x/2.x, whose files hold a bare tensor per token

@@ -30,7 +30,7 @@ def base_rows(pipeline, subfolder: str) -> torch.Tensor:
 
 
 def family_of(pipeline) -> str:
-    return tti.pipeline_family(argparse.Namespace(pretrained_model_name_or_path=str(pipeline), revision=None))
+    return tti.model_family(tti.find_model_source(str(pipeline))).name
 
 
 def test_family_comes_from_model_index(tiny_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline, tmp_path):
