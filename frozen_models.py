@@ -400,3 +400,21 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
         unet.compile()  # in place: the module stays a UNet2DConditionModel for validation and saving
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def load_pipeline(source: ModelSource, dtype: torch.dtype):
+    """The whole inference pipeline of any source (examples/generate.py): from_pretrained, or from_single_file with
+    the source's configs, with a --transformer_file's transformer in place."""
+    import diffusers
+
+    parts = {}
+    if source.transformer_file is not None:
+        class_name = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel"}
+        parts["transformer"] = getattr(diffusers, class_name[source.pipeline]).from_single_file(
+            str(source.transformer_file), config=source.config, subfolder="transformer",
+            config_revision=source.revision, torch_dtype=dtype)
+    if source.checkpoint is not None:
+        return getattr(diffusers, source.pipeline).from_single_file(str(source.checkpoint), config=source.config,
+                                                                     torch_dtype=dtype)
+    return diffusers.DiffusionPipeline.from_pretrained(source.config, revision=source.revision,
+                                                       variant=source.variant, torch_dtype=dtype, **parts)

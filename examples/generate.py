@@ -3,7 +3,9 @@
     python examples/generate.py --pretrained_model_name_or_path examples/tiny-sd \\
         --learned_embeds out/learned_embeds.safetensors --prompt "a photo of <my-toy>"
 
-For Flux.1-dev pass `--guidance_scale 3.5`, and for SD3 and Flux a `--resolution` that is a multiple of 16.
+A single-file SD 1.x/2.x/XL checkpoint works as the base too (with `--single_file_config` naming the diffusers
+folder its configs come from, when offline), and an SD3/Flux transformer file with `--transformer_file`, as in
+training. For Flux.1-dev pass `--guidance_scale 3.5`, and for SD3 and Flux a `--resolution` that is a multiple of 16.
 """
 
 from __future__ import annotations
@@ -200,19 +202,14 @@ def uses_flow_transformer(class_name: str) -> bool:
     return class_name.startswith(("StableDiffusion3", "Flux"))
 
 
-def pipeline_class_name(name_or_path: str) -> str:
-    """The pipeline class in model_index.json, read without loading any weights; "" if that fails."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(name_or_path).get("_class_name", "")
-    except (OSError, ValueError):  # not found, not a hub id, ...: from_pretrained says what is wrong
-        return ""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="base pipeline folder or hub id")
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="base pipeline folder or hub id, or a single-file SD 1.x/2.x/XL checkpoint")
+    parser.add_argument("--single_file_config", default=None,
+                        help="with a single file: the diffusers folder or hub id its configs come from")
+    parser.add_argument("--transformer_file", default=None,
+                        help="SD 3/3.5 or Flux.1: a transformer file in place of the pipeline's (as in training)")
     parser.add_argument("--learned_embeds", required=True,
                         help="embeddings file, or a folder containing learned_embeds.safetensors/.bin")
     parser.add_argument("--prompt", required=True)
@@ -241,13 +238,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
 
+    from frozen_models import UsageError, find_model_source, load_pipeline
     from train_textual_inversion import quiet_libraries
 
     quiet_libraries()
-    # The family from model_index.json, before the (slow) load: it sets the size rule and the dtype.
-    flow = uses_flow_transformer(pipeline_class_name(args.pretrained_model_name_or_path))
+    # Where the weights are and the family (from model_index.json or a file's keys), before the (slow) load: it sets
+    # the size rule and the dtype. The same checks as the trainer's, so a model it trained on loads here.
+    try:
+        source = find_model_source(args.pretrained_model_name_or_path, single_file_config=args.single_file_config,
+                                   transformer_file=args.transformer_file)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    flow = uses_flow_transformer(source.pipeline)
     if flow and args.resolution is not None and args.resolution % 16:
         # The VAE's 8x, then the transformer's 2x2 patches (SD3) or 2x2 latent packing (Flux).
         print(f"error: --resolution {args.resolution}: SD3 and Flux.1 need a multiple of 16", file=sys.stderr)
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32
     if args.device.startswith("cuda"):
         dtype = torch.bfloat16 if flow else torch.float16
-    pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
+    pipeline = load_pipeline(source, dtype)
     if not flow:
         # Same sampler as diffusers' textual-inversion example: good images in ~25 steps. from_config keeps the
         # model's prediction_type and beta schedule. SD3 and Flux keep their flow-matching scheduler: DPM-Solver

@@ -127,6 +127,44 @@ def png(mode: str, size_of: Callable[[tuple[int, int]], tuple[int, int]], value:
 
     return lambda path, size: Image.new(mode, size_of(size), value).save(path)
 
+
+# ---- Files that are no SD checkpoint, or for another model: keys alone decide, so a few tiny tensors stand in.
+SD_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+           "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+
+
+def tensor_file(ctx: Ctx, name: str, keys: tuple[str, ...] | dict, shape: tuple[int, ...] = (2, 2)) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = keys if isinstance(keys, dict) else {key: torch.zeros(shape) for key in keys}
+    path = ctx.ws / name
+    save_file(tensors, str(path))
+    return path
+
+
+class NotATensor:
+    """Pickled as a class reference: loading it needs this module's code, which weights_only refuses."""
+
+
+def pickled_code_ckpt(ctx: Ctx) -> Path:
+    path = ctx.ws / "needs-code.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": NotATensor()}}, path)
+    return path
+
+
+def as_model(ctx: Ctx, path: Path, *extra: str) -> list[str]:
+    return base(ctx, "--pretrained_model_name_or_path", str(path), *extra)
+
+
+def embedding_file(ctx: Ctx, tensors: dict) -> Path:
+    return tensor_file(ctx, "start.safetensors", tensors)
+
+
+def with_embedding(ctx: Ctx, tensors: dict, *extra: str) -> list[str]:
+    return without(base(ctx, "--initial_embeddings", str(embedding_file(ctx, tensors)), *extra),
+                   "--initializer_token")
+
+
 CASES = [
     Case("missing-required-flag", lambda c: without(base(c), "--placeholder_token"), "--placeholder_token",
          fresh=True),
@@ -206,6 +244,45 @@ CASES = [
     Case("xformers-not-installed", lambda c: base(c, "--enable_xformers_memory_efficient_attention"),
          ("--enable_xformers_memory_efficient_attention", "pip install xformers"),
          marks=[pytest.mark.skipif(tti._importable("xformers"), reason="xformers is installed here")]),
+    # Single files and starting embeddings
+    Case("single-file-random-bytes", lambda c: as_model(c, write(c.ws / "model.safetensors", os.urandom(4096))),
+         ("--pretrained_model_name_or_path", "model.safetensors", "cannot be read"), late=True),
+    Case("single-file-is-a-lora", lambda c: as_model(c, tensor_file(c, "lora.safetensors", (
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",))), ("lora.safetensors", "a LoRA"),
+         late=True),
+    Case("single-file-is-an-embedding", lambda c: as_model(c, tensor_file(c, "emb.safetensors", ("emb_params",))),
+         ("emb.safetensors", "a textual-inversion embedding"), late=True),
+    Case("single-file-is-a-vae", lambda c: as_model(c, tensor_file(c, "vae.safetensors", (
+        "encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight"))), ("vae.safetensors", "a VAE"),
+         late=True),
+    Case("ckpt-needs-pickled-code", lambda c: as_model(c, pickled_code_ckpt(c)), ("needs-code.ckpt", "pickled code"),
+         late=True),
+    Case("flux-file-as-the-model", lambda c: as_model(c, tensor_file(c, "flux1-dev.safetensors", (
+        "double_blocks.0.img_attn.qkv.weight",))), ("flux1-dev.safetensors", "--transformer_file"), late=True),
+    Case("single-file-configs-offline", lambda c: as_model(c, tensor_file(c, "mine.safetensors", SD_KEYS)),
+         ("mine.safetensors", "--single_file_config"), late=True),
+    Case("single-file-config-of-another-family", lambda c: as_model(
+        c, tensor_file(c, "xl.safetensors", (*SD_KEYS, "conditioner.embedders.1.model.ln_final.weight")),
+        "--single_file_config", str(c.pipe)), ("--single_file_config", "StableDiffusionPipeline", "SDXL"), late=True),
+    Case("single-file-suffix", lambda c: as_model(c, write(c.ws / "model.onnx", b"x")), "--pretrained_model_name_or_path"),
+    Case("single-file-with-revision", lambda c: as_model(c, tensor_file(c, "m.safetensors", SD_KEYS), "--revision",
+                                                         "main"), "--revision"),
+    Case("single-file-config-without-a-file", lambda c: base(c, "--single_file_config", str(c.pipe)),
+         "--single_file_config"),
+    Case("transformer-file-on-sd", lambda c: base(c, "--transformer_file", str(tensor_file(c, "t.safetensors", (
+        "double_blocks.0.img_attn.qkv.weight",)))), ("--transformer_file", "SD 3/3.5 and Flux.1"), late=True),
+    Case("initial-embeddings-of-another-width", lambda c: with_embedding(c, {"<x>": torch.zeros(2, 48)}),
+         ("--initial_embeddings", "48-wide", "32 wide"), late=True),
+    Case("initial-embeddings-of-another-family", lambda c: with_embedding(
+        c, {"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}), ("--initial_embeddings", "another model family"),
+         late=True),
+    Case("initial-embeddings-and-num-vectors", lambda c: with_embedding(c, {"<x>": torch.zeros(2, 32)}, "--num_vectors",
+                                                                        "3"), ("--num_vectors 3", "2 vector(s)")),
+    Case("initial-embeddings-and-initializer", lambda c: base(c, "--initial_embeddings", str(embedding_file(
+        c, {"<x>": torch.zeros(1, 32)}))), ("--initializer_token", "--initial_embeddings")),
+    Case("initial-embeddings-not-an-embedding", lambda c: without(base(
+        c, "--initial_embeddings", str(write(c.ws / "e.pt", os.urandom(64)))), "--initializer_token"),
+         "--initial_embeddings"),
 ]
 
 
