@@ -162,6 +162,26 @@ def build_sd15_shaped_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     return save_sd1_pipeline(output_dir, text_encoder, vae, unet, seed)
 
 
+def build_tiny_sd15_layout_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SD-1.x pipeline with SD 1.5's *block layout*: a UNet of four levels (three cross-attention levels and
+    one plain, mirrored on the way up, two layers per level, 8 heads) and a VAE of four levels with two layers each,
+    at tiny widths. Unlike build_tiny_pipeline's two-level UNet, it has every key an original-layout (LDM) checkpoint
+    has, in the same places (input_blocks 0-11, output_blocks 0-11, decoder.up.0-3 ...), so it converts to and from a
+    single-file SD 1.5 checkpoint (examples/original_layout.py). ~17 MB (a third of it the CLIP token table)."""
+    vae = dict(TINY_VAE, block_out_channels=(16, 16, 32, 32), layers_per_block=2)
+    unet = dict(
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        norm_num_groups=16,
+        attention_head_dim=8,
+        cross_attention_dim=TEXT_HIDDEN,
+    )
+    return save_sd1_pipeline(output_dir, TINY_TEXT_ENCODER, vae, unet, seed)
+
+
 def build_tiny_sd2_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     """A tiny SD-2.x-architecture pipeline: OpenCLIP-style text encoder (GELU, "!" padding), linear-projection
     transformer blocks with per-level head counts, and v-prediction, like stable-diffusion-2-1."""
