@@ -1,13 +1,16 @@
 """Write a diffusers pipeline's weights as one single-file checkpoint in the original (non-diffusers) layout.
 
 The layouts are the ones people download: an SD 1.x/2.x checkpoint as the CompVis/LDM code and AUTOMATIC1111 save it
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`), a Flux.1 transformer
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`), an SDXL one
+(`conditioner.embedders.0.transformer.text_model.*` for CLIP-L, `conditioner.embedders.1.model.*` in OpenCLIP's
+layout for bigG), a Flux.1 transformer
 as Black Forest Labs release it (`double_blocks.*`, `single_blocks.*`, ...) and an SD 3 transformer as Stability's
 MMDiT code saves it (`model.diffusion_model.joint_blocks.*`, ...). Made from the project's tiny pipelines, they give
 the tests the same weights twice, as a folder and as a file; diffusers' `from_single_file` turns each back into the
 folder's state dicts bit for bit (tests/test_original_layout.py).
 
     python examples/original_layout.py sd tiny-sd15 tiny-sd15.safetensors      # or .ckpt
+    python examples/original_layout.py sdxl tiny-sdxl tiny-sdxl.safetensors
     python examples/original_layout.py flux tiny-flux flux-tiny.safetensors --dtype float8_e4m3fn
     python examples/original_layout.py sd3 tiny-sd3 sd3-tiny.safetensors
 
@@ -18,9 +21,10 @@ Two things about loading the files back (diffusers 0.42):
 * Flux: diffusers' converter splits `single_blocks.N.linear1` with Flux.1's own widths written in (3072, mlp ratio 4),
   so a narrower Flux in this layout only loads inside `flux_single_file_any_width()`, which makes that one split use
   the config's widths. Flux.1-sized files (every real one) load without it.
-* Neither tiny transformer is recognised by `infer_diffusers_model_type` the way a real one is: it looks at widths
-  (SD 3's 9216-wide adaLN, 192x192 pos_embed) as well as keys. Give `config=` (a diffusers folder) when loading, as
-  one has to offline anyway.
+* `infer_diffusers_model_type` (what diffusers fetches configs by when no `config=` is given) calls the tiny SD 3 and
+  SDXL files "v1": it goes by SD 3's widths (a 9216-wide adaLN, a 192x192 pos_embed) and by SDXL's bigG having a
+  10th layer (resblocks.9). Give `config=` (a diffusers folder) when loading, as one has to offline anyway; with it,
+  the detection plays no part.
 """
 
 from __future__ import annotations
@@ -285,6 +289,56 @@ def sd_pipeline_to_original(pipeline_dir: str | Path, out_file: str | Path, dtyp
     return save_checkpoint(sd_state_dict_to_original(pipeline_dir), out_file, dtype)
 
 
+# ---- SDXL: conditioner.embedders.0 (CLIP-L, HF layout) and .1 (OpenCLIP bigG, OpenCLIP's own layout) -------------
+_OPEN_CLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                    ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
+
+
+def open_clip_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's state dict in OpenCLIP's layout (SDXL's `conditioner.embedders.1.model.*`):
+    token_embedding, positional_embedding, transformer.resblocks.N (ln_1, attn.in_proj_weight/bias = q, k, v
+    stacked, attn.out_proj, ln_2, mlp.c_fc/c_proj), ln_final, and text_projection as OpenCLIP multiplies by it
+    (x @ P, so the transpose of the Linear's weight)."""
+    state = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    m = _KeyMap(state, "OpenCLIP text encoder")
+    m.move("embeddings.token_embedding.weight", "token_embedding.weight")
+    m.move("embeddings.position_embedding.weight", "positional_embedding")
+    m.move_weight_and_bias("final_layer_norm", "ln_final")
+    m.move("text_projection.weight", "text_projection", lambda t: t.T.contiguous())
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        d, o = f"encoder.layers.{i}", f"transformer.resblocks.{i}"
+        q, k, v = (f"{d}.self_attn.{x}_proj" for x in "qkv")
+        m.cat([q, k, v], f"{o}.attn.in_proj")
+        for part in ("weight", "bias"):  # cat names them in_proj.weight/.bias; OpenCLIP's are in_proj_weight/_bias
+            m.out[f"{o}.attn.in_proj_{part}"] = m.out.pop(f"{o}.attn.in_proj.{part}")
+        for new, old in _OPEN_CLIP_LAYER:
+            m.move_weight_and_bias(f"{d}.{new}", f"{o}.{old}")
+    return m.done()
+
+
+def sdxl_state_dict_to_original(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
+    """An SDXL diffusers folder as one original-layout state dict (sd_xl_base_1.0.safetensors): the UNet (with
+    label_emb) and VAE as in SD 1.x, CLIP-L under conditioner.embedders.0.transformer.text_model.*, OpenCLIP bigG under
+    conditioner.embedders.1.model.*."""
+    unet, unet_config = load_component(pipeline_dir, "unet")
+    vae, vae_config = load_component(pipeline_dir, "vae")
+    clip_l, _ = load_component(pipeline_dir, "text_encoder")
+    clip_g, _ = load_component(pipeline_dir, "text_encoder_2")
+    state = {SD_UNET_PREFIX + k: v for k, v in unet_to_original(unet, unet_config).items()}
+    state |= {SD_VAE_PREFIX + k: v for k, v in vae_to_original(vae, vae_config).items()}
+    state |= {"conditioner.embedders.0.transformer." + k: v for k, v in clip_to_original(clip_l).items()}
+    state |= {"conditioner.embedders.1.model." + k: v for k, v in open_clip_to_original(clip_g).items()}
+    return state
+
+
+def sdxl_pipeline_to_original(pipeline_dir: str | Path, out_file: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write an SDXL pipeline folder as one original-layout checkpoint; diffusers reads it back with
+    `StableDiffusionXLPipeline.from_single_file(out_file, config=pipeline_dir)`. The two text encoders must differ in
+    width (as 768 and 1280 do, and the tiny 32 and 48): diffusers tells them apart by it."""
+    return save_checkpoint(sdxl_state_dict_to_original(pipeline_dir), out_file, dtype)
+
+
 # ---- Flux.1: Black Forest Labs' layout ------------------------------------------------------------------------------
 def flux_state_dict_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A FluxTransformer2DModel's state dict in Black Forest Labs' layout (flux1-dev.safetensors): fused qkv and
@@ -442,13 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", choices=["sd", "flux", "sd3"])
+    parser.add_argument("family", choices=["sd", "sdxl", "flux", "sd3"])
     parser.add_argument("pipeline_dir")
     parser.add_argument("out_file", help=".safetensors, or .ckpt")
     parser.add_argument("--dtype", default=None, help="e.g. float16, bfloat16, float8_e4m3fn (default: as stored)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    write = {"sd": sd_pipeline_to_original, "flux": flux_transformer_to_original,
+    write = {"sd": sd_pipeline_to_original, "sdxl": sdxl_pipeline_to_original, "flux": flux_transformer_to_original,
              "sd3": sd3_transformer_to_original}[args.family]
     print(write(args.pipeline_dir, args.out_file, dtype=dtype))
     return 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from make_tiny_pipeline import build_tiny_sd15_layout_pipeline
 from original_layout import (flux_single_file_any_width, flux_transformer_to_original, load_component,
-                             sd3_transformer_to_original, sd_pipeline_to_original)
+                             sd3_transformer_to_original, sd_pipeline_to_original, sdxl_pipeline_to_original)
 from safetensors import safe_open
 
 
@@ -52,13 +52,14 @@ def test_sd_checkpoint_loads_back_bit_for_bit(suffix, tiny_sd15_layout_pipeline,
     keys = file_keys(path)  # a .ckpt through torch.load(weights_only=True)
     assert keys["first_stage_model.encoder.mid.attn_1.q.weight"] == (32, 32, 1, 1)
     for key in ("model.diffusion_model.output_blocks.11.0.skip_connection.weight",  # diffusers' "v1" key
-                "model.diffusion_model.input_blocks.9.0.op.weight", "model.diffusion_model.output_blocks.8.2.conv.weight",
+                "model.diffusion_model.input_blocks.9.0.op.weight",
+                "model.diffusion_model.output_blocks.8.2.conv.weight",
                 "first_stage_model.decoder.up.3.upsample.conv.weight", "first_stage_model.post_quant_conv.weight",
                 "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
                 "cond_stage_model.transformer.text_model.final_layer_norm.weight"):
         assert key in keys, key
-    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."))
-               for k in keys)
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(k.startswith(prefixes) for k in keys)
     assert model_type(path) == "v1"
 
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_sd15_layout_pipeline))
@@ -74,6 +75,29 @@ def test_sd_checkpoint_of_the_two_level_tiny_pipeline(tiny_pipeline, tmp_path):
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_pipeline))
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(pipe, name), tiny_pipeline, name)
+
+
+def test_sdxl_checkpoint_loads_back_bit_for_bit(tiny_sdxl_pipeline, tmp_path):
+    """SDXL's layout: CLIP-L under conditioner.embedders.0 (HF keys), bigG under conditioner.embedders.1.model in
+    OpenCLIP's (fused in_proj, text_projection transposed). Read as "v1" (diffusers wants bigG's resblocks.9)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = sdxl_pipeline_to_original(tiny_sdxl_pipeline, tmp_path / "tiny-sdxl.safetensors")
+    keys = file_keys(path)
+    g = "conditioner.embedders.1.model."
+    assert keys[g + "transformer.resblocks.1.attn.in_proj_weight"] == (3 * 48, 48)
+    assert keys[g + "positional_embedding"] == (77, 48) and keys[g + "text_projection"] == (48, 48)
+    for key in ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",  # clip_sdxl
+                g + "token_embedding.weight", g + "ln_final.weight", g + "transformer.resblocks.0.mlp.c_proj.bias",
+                "model.diffusion_model.label_emb.0.0.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight"):
+        assert key in keys, key
+    assert model_type(path) == "v1"
+
+    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl_pipeline))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert_same_weights(getattr(pipe, name), tiny_sdxl_pipeline, name)
+    with safe_open(str(path), "pt") as f:
+        assert torch.equal(f.get_tensor(g + "text_projection"), pipe.text_encoder_2.text_projection.weight.detach().T)
 
 
 def test_flux_transformer_file_loads_back_bit_for_bit(tiny_flux_pipeline, tmp_path):
