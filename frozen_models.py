@@ -98,9 +98,15 @@ def checkpoint_kind(keys) -> str:
     return "unknown"
 
 
-@functools.lru_cache(maxsize=8)
 def short_hash(path: Path) -> str:
-    """The first 10 hex digits of the file's SHA-256: AUTOMATIC1111's short checkpoint hash (Civitai's AutoV2)."""
+    """The first 10 hex digits of the file's SHA-256: AUTOMATIC1111's short checkpoint hash (Civitai's AutoV2).
+    Computed once per file version: every saved result records it."""
+    stat = path.stat()
+    return _short_hash(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _short_hash(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

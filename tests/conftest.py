@@ -43,6 +43,15 @@ def tiny_sdxl_pipeline(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd15_layout_pipeline(tmp_path_factory) -> Path:
+    """A tiny SD-1.x pipeline with SD 1.5's block layout (4-level UNet and VAE, 2 layers per level), which the
+    original single-file layout assumes; read-only."""
+    from make_tiny_pipeline import build_tiny_sd15_layout_pipeline
+
+    return build_tiny_sd15_layout_pipeline(tmp_path_factory.mktemp("tiny-sd15") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_pipeline):
     from transformers import CLIPTokenizer
 

@@ -144,7 +144,11 @@ REFUSED_HERE = {
 if not tti._importable("xformers"):
     REFUSED_HERE["--enable_xformers_memory_efficient_attention"] = "xformers is not installed"
 # Exercised by a dedicated test instead (named here, and checked to exist): compiling takes minutes on a CPU.
-ELSEWHERE = {"--compile_unet": ("test_speed.py", "test_compiled_unet_trains_to_the_same_vectors")}
+ELSEWHERE = {"--compile_unet": ("test_speed.py", "test_compiled_unet_trains_to_the_same_vectors"),
+             # Each needs a file in another model's layout, or replaces --initializer_token.
+             "--single_file_config": ("test_single_file.py", "test_single_file_trains_the_same_vectors_as_its_folder"),
+             "--transformer_file": ("test_single_file.py", "test_transformer_file_trains_like_the_folder"),
+             "--initial_embeddings": ("test_single_file.py", "test_initial_embeddings_start_from_the_file")}
 
 
 def flags() -> list[argparse.Action]:
@@ -157,10 +161,10 @@ def shared_models():
     """The tiny pipeline's models, loaded once and handed out as fresh copies (each run mutates its own)."""
     cache, load = {}, tti.load_models
 
-    def load_once(args, family):
-        key = (args.pretrained_model_name_or_path, args.revision, args.variant, family)
+    def load_once(source, family, tokenizers, weight_dtype):
+        key = (source, family.name, weight_dtype)
         if key not in cache:
-            cache[key] = load(args, family)
+            cache[key] = load(source, family, tokenizers, weight_dtype)
         return copy.deepcopy(cache[key])
 
     tti.load_models = load_once

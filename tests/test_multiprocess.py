@@ -94,3 +94,21 @@ def test_two_ranks_stop_early_together_with_norm_controls(tiny_pipeline, concept
     assert rank0["synced_numels"] == [2 * 32] * 6
     report = json.loads((out / "report.json").read_text())
     assert report["stopped_early"]["step"] == 6 and report["best"]["step"] == 2
+
+
+def test_two_ranks_on_a_single_file_agree_with_the_file(tiny_sd15_layout_pipeline, concept_dir, tmp_path):
+    """Both ranks load the original-layout file (through from_single_file) and train the same vectors."""
+    from original_layout import sd_pipeline_to_original
+
+    file = sd_pipeline_to_original(tiny_sd15_layout_pipeline, tmp_path / "my-model.safetensors")
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
+            *train_argv(file, concept_dir, out, "--single_file_config", str(tiny_sd15_layout_pipeline),
+                        "--max_train_steps", "2")],
+           ACCELERATE_USE_CPU="1")
+    rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["synced_numels"] == [32] * 2
+    assert torch.equal(rank0["vectors"], rank1["vectors"])
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")["<cat-toy>"], rank0["vectors"])

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from make_tiny_pipeline import build_tiny_sd15_layout_pipeline
 from original_layout import (flux_single_file_any_width, flux_transformer_to_original, load_component,
                              sd3_transformer_to_original, sd_pipeline_to_original, sdxl_pipeline_to_original)
 from safetensors import safe_open
-
-
-@pytest.fixture(scope="session")
-def tiny_sd15_layout_pipeline(tmp_path_factory) -> Path:
-    """A tiny SD-1.x pipeline with SD 1.5's block layout (4-level UNet and VAE, 2 layers per level); read-only."""
-    return build_tiny_sd15_layout_pipeline(tmp_path_factory.mktemp("tiny-sd15") / "pipe", seed=0)
 
 
 def assert_same_weights(model, folder: Path, subfolder: str, cast=None):
