@@ -10,7 +10,9 @@ backward, all-reduce, optimizer, logging: the step as the script runs it). After
 same models, it times the compute floor: text encoder + UNet forward and backward alone, same shapes.
 
 Columns: step = median step time after warm-up; floor = median floor time; ratio = step / floor; start-up = process
-start to the first step; first step = its time (compilation happens there); peak = peak resident memory (CPU) or allocated memory (CUDA) while training, with the peak
+start to the first step; first step = its time (compilation happens there); compile = Dynamo's and Inductor's own
+wall time in the process, every compile and recompile (the final validation's no-grad forward is one), 0 without
+--compile_unet; peak = peak resident memory (CPU) or allocated memory (CUDA) while training, with the peak
 while loading in brackets; base = what the process held just before loading the models (on a CPU, ~0.5 GB of
 Python and libraries); weights = bytes of the frozen text encoder, VAE and UNet; grad/step = bytes of the
 trainable parameters, which is what DDP all-reduces each step; ckpt = one checkpoint-N folder.
@@ -48,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=None,
                    help='extra trainer flags, e.g. --variant=--no_cache_latents; repeat for more rows (default: one, "")')
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--progress", default=None,
+                   help="rewrite this JSON file with what is measured so far, after every step (for a caller that may "
+                        "kill this run: benchmarks/gpu_check.py)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: the measuring child process
     return p.parse_args(argv)
 
@@ -90,12 +95,44 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
-def measure(args: argparse.Namespace, process_start: float) -> dict:
+def compile_seconds() -> float:
+    """Dynamo's and Inductor's wall time so far in this process, every compile and recompile; 0 if none ran. From
+    torch's private timing table: one that has moved or changed reads as 0, the step times are unaffected."""
+    utils = sys.modules.get("torch._dynamo.utils")  # imported by the first compile: nothing to import here otherwise
+    try:
+        return float(utils.calculate_time_spent().get("total_wall_time", 0.0)) if utils else 0.0
+    except Exception:  # noqa: BLE001 - a private API; the benchmark must not fail on it
+        return 0.0
+
+
+def write_progress(path: str | None, progress: dict) -> None:
+    """What is measured so far, replaced whole (never half-written): the caller reads it after killing this process."""
+    if path:
+        tmp = f"{path}.tmp"
+        Path(tmp).write_text(json.dumps({**progress, "compile_s": compile_seconds(), "wall": time.time()}))
+        os.replace(tmp, path)
+
+
+def measure(args: argparse.Namespace, process_start: float, progress_path: str | None = None) -> dict:
     import torch
 
     import train_textual_inversion as tti
 
     seen: dict = {"stamps": []}
+    total_steps = args.warmup_steps + args.steps
+    progress = {"phase": "loading", "startup_s": None, "step_times": [], "warmup_steps": args.warmup_steps,
+                "total_steps": total_steps}
+    write_progress(progress_path, progress)
+    excluded = 0.0  # time spent writing progress, kept out of the step times
+
+    def stamp() -> None:
+        nonlocal excluded
+        seen["stamps"].append(time.perf_counter() - excluded)
+        began = time.perf_counter()
+        progress["step_times"] = [b - a for a, b in zip(seen["stamps"], seen["stamps"][1:])]
+        write_progress(progress_path, progress)
+        excluded += time.perf_counter() - began
+
     cuda = torch.cuda.is_available()
     load, iterate = tti.load_frozen_models, tti.iterate_steps
 
@@ -110,9 +147,11 @@ def measure(args: argparse.Namespace, process_start: float) -> dict:
                 seen["first_step_wall"] = time.time()
                 seen["load_peak"] = torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024
                 torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
-            seen["stamps"].append(time.perf_counter())
+                progress.update(phase="training", startup_s=seen["first_step_wall"] - process_start)
+            stamp()
             yield item
-        seen["stamps"].append(time.perf_counter())
+        progress["phase"] = "after training"  # the final validation and checkpoint, then the floor
+        stamp()
 
     tti.load_frozen_models, tti.iterate_steps = load_and_keep, timed_steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,11 +161,12 @@ def measure(args: argparse.Namespace, process_start: float) -> dict:
         checkpoint_bytes = sum(f.stat().st_size for f in next(out.glob("checkpoint-*")).iterdir())
     models = seen["models"]
     steps = [b - a for a, b in zip(seen["stamps"], seen["stamps"][1:])][args.warmup_steps:]
+    write_progress(progress_path, {**progress, "phase": "floor"})
     floor = floor_times(models, args.batch_size, args.resolution, args.floor_repeats or args.steps)
     weights = sum(t.numel() * t.element_size() for m in (models.prompt_encoder, models.vae, models.denoiser)
                   for t in [*m.parameters(), *m.buffers()])
     return {"step_s": statistics.median(steps), "floor_s": statistics.median(floor),
-            "first_step_s": seen["stamps"][1] - seen["stamps"][0],
+            "first_step_s": seen["stamps"][1] - seen["stamps"][0], "compile_s": compile_seconds(),
             "startup_s": seen["first_step_wall"] - process_start, "peak_bytes": train_peak,
             "load_peak_bytes": seen["load_peak"], "baseline_bytes": seen["baseline"], "weights_bytes": weights,
             "grad_bytes": sum(p.numel() * p.element_size() for p in models.prompt_encoder.parameters()
@@ -195,6 +235,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         cmd += ["--floor_repeats", str(args.floor_repeats)]
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         env = {**os.environ, "BENCH_RESULT": result.name, "BENCH_START": repr(time.time())}
+        if args.progress:
+            env["BENCH_PROGRESS"] = args.progress
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"variant {variant!r} failed:\n{proc.stderr[-3000:]}")
@@ -208,13 +250,14 @@ def mib(n: float) -> str:
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     print(f"pipeline {args.pipeline}, {args.resolution} px, batch {args.batch_size}, precision {args.mixed_precision}, "
           f"{rows[0]['device']}, {rows[0]['threads']} torch threads; median of {args.steps} steps")
-    head = ["variant", "step", "floor", "ratio", "start-up", "first step", "peak (load)", "weights", "peak/weights",
-            "(peak-base)/weights", "grad/step", "ckpt"]
+    head = ["variant", "step", "floor", "ratio", "start-up", "first step", "compile", "peak (load)", "weights",
+            "peak/weights", "(peak-base)/weights", "grad/step", "ckpt"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["variant"], f"{r['step_s']:.3f} s", f"{r['floor_s']:.3f} s", f"{r['step_s'] / r['floor_s']:.3f}",
-                 f"{r['startup_s']:.1f} s", f"{r['first_step_s']:.1f} s", f"{mib(r['peak_bytes'])} ({mib(r['load_peak_bytes'])})",
-                 mib(r["weights_bytes"]), f"{r['peak_bytes'] / r['weights_bytes']:.2f}",
+                 f"{r['startup_s']:.1f} s", f"{r['first_step_s']:.1f} s", f"{r['compile_s']:.1f} s",
+                 f"{mib(r['peak_bytes'])} ({mib(r['load_peak_bytes'])})", mib(r["weights_bytes"]),
+                 f"{r['peak_bytes'] / r['weights_bytes']:.2f}",
                  f"{(r['peak_bytes'] - r['baseline_bytes']) / r['weights_bytes']:.2f}", mib(r["grad_bytes"]),
                  mib(r["checkpoint_bytes"])]
         print("| " + " | ".join(cells) + " |")
@@ -223,7 +266,7 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        result = measure(args, float(os.environ["BENCH_START"]))
+        result = measure(args, float(os.environ["BENCH_START"]), os.environ.get("BENCH_PROGRESS"))
         Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(result))
         return 0
     pipeline_folder(args.pipeline)  # build once, outside the timed processes
