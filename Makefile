@@ -21,6 +21,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt pytest
 	# Only for its CLIP BPE file (the real 49,408-token tokenizer, built offline); its deps (torchvision) are not needed.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	# Optional for users (--base_weight_dtype nf4); installed here so its tests run.
+	$(PY) -m pip install -q --no-deps bitsandbytes==0.50.2
 	touch $@
 
 # Random weights, for trying the script on another concept folder: make $(TINY_PIPELINE)/model_index.json

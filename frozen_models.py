@@ -226,7 +226,9 @@ def with_transformer_file(source: ModelSource, file: Path) -> ModelSource:
 
 # ---- Loading ----------------------------------------------------------------------------------------------------------
 def load_models(source: ModelSource, adapter, tokenizers: list, weight_dtype: torch.dtype):
-    """Scheduler, text encoder(s), VAE and denoiser (UNet or transformer), from the source's form of weights."""
+    """Scheduler, text encoder(s), VAE and denoiser (UNet or transformer), from the source's form of weights, each
+    loaded in the compute dtype: no full fp32 copy on the way (a bf16 file stays memory-mapped, not copied), which
+    would double the host memory of a bf16 model (Flux.1-dev: ~67 GB for the transformer and T5 in fp32)."""
     import diffusers
     import transformers
 
@@ -236,17 +238,20 @@ def load_models(source: ModelSource, adapter, tokenizers: list, weight_dtype: to
                                                                                  revision=source.revision)
         if source.checkpoint is not None:
             what = f"the single file {source.checkpoint.name}"
-            text_encoders, vae, denoiser = load_single_file(source, adapter, tokenizers, noise_scheduler)
+            text_encoders, vae, denoiser = load_single_file(source, adapter, tokenizers, noise_scheduler,
+                                                            weight_dtype)
         else:
             text_encoders, where = [], dict(revision=source.revision, variant=source.variant)
             for what, class_name in adapter.text_encoders:
-                text_encoders.append(getattr(transformers, class_name).from_pretrained(source.config, subfolder=what,
-                                                                                        **where))
+                text_encoders.append(getattr(transformers, class_name).from_pretrained(
+                    source.config, subfolder=what, dtype=weight_dtype, **where))
             what = "vae"
-            vae = diffusers.AutoencoderKL.from_pretrained(source.config, subfolder=what, **where)
+            # fp16 VAEs overflow (vae_dtype_for): they load in fp32 and freeze_and_place decides.
+            vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
+            vae = diffusers.AutoencoderKL.from_pretrained(source.config, subfolder=what, torch_dtype=vae_dtype, **where)
             what = adapter.denoiser[0]
             denoiser = None if source.transformer_file else getattr(diffusers, adapter.denoiser[1]).from_pretrained(
-                source.config, subfolder=what, **where)
+                source.config, subfolder=what, torch_dtype=weight_dtype, **where)
     except (OSError, ValueError) as e:  # a missing variant or revision, a hub id out of reach, a damaged file
         raise model_load_error(source, f"{what}", e) from None
     if source.transformer_file is not None:
@@ -254,7 +259,8 @@ def load_models(source: ModelSource, adapter, tokenizers: list, weight_dtype: to
     return noise_scheduler, text_encoders, vae, denoiser
 
 
-def load_single_file(source: ModelSource, adapter, tokenizers: list, noise_scheduler) -> tuple[list, object, object]:
+def load_single_file(source: ModelSource, adapter, tokenizers: list, noise_scheduler,
+                     weight_dtype: torch.dtype) -> tuple[list, object, object]:
     """The text encoder(s), VAE and UNet of an original-layout checkpoint, through diffusers' from_single_file with
     the source's configs; the tokenizers and scheduler already loaded are passed in, so nothing else is fetched."""
     import diffusers
@@ -262,8 +268,10 @@ def load_single_file(source: ModelSource, adapter, tokenizers: list, noise_sched
     parts = {name: tokenizer for (name, _), tokenizer in zip(adapter.tokenizers, tokenizers)}
     parts.update(adapter.pipeline_extras, scheduler=noise_scheduler)
     try:
+        # In the compute dtype (fp16 too: single files store the VAE in fp16 or fp32; under fp16 it is upcast again
+        # by freeze_and_place, as its config asks).
         pipeline = getattr(diffusers, adapter.pipeline).from_single_file(str(source.checkpoint), config=source.config,
-                                                                          **parts)
+                                                                          torch_dtype=weight_dtype, **parts)
     except (KeyError, RuntimeError, AttributeError, TypeError) as e:  # keys or shapes that do not fit the configs
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(f"--pretrained_model_name_or_path {source.checkpoint}: its weights do not fit the configs of "
@@ -378,19 +386,98 @@ def enable_activation_checkpointing(text_encoder) -> None:
     (enable or text_encoder.gradient_checkpointing_enable)()
 
 
+BASE_WEIGHT_DTYPES = ("fp8", "nf4")
+# Never stored in 8 or 4 bits: T5's token table (the placeholder rows' neighbours; `shared` and its tied
+# `embed_tokens`), its position buckets and every norm. CLIP, the VAE and the vectors keep the compute dtype.
+T5_SKIP_PATTERNS = ("shared", "embed_tokens", "relative_attention_bias", "norm")
+
+
+def large_frozen_models(text_encoders, denoiser) -> list[torch.nn.Module]:
+    """What --base_weight_dtype stores in 8 or 4 bits: the denoiser, and T5 where present."""
+    return [denoiser] + [e for e in text_encoders if getattr(e.config, "model_type", "") == "t5"]
+
+
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """float8_e4m3fn storage, upcast to the compute dtype layer by layer (diffusers' layerwise casting)."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    if hasattr(model, "enable_layerwise_casting"):  # a diffusers model knows its own layers to skip
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    else:
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        apply_layerwise_casting(model, torch.float8_e4m3fn, compute_dtype,
+                                skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + T5_SKIP_PATTERNS)
+
+
+@functools.cache
+def nf4_linear_class():
+    """bitsandbytes' Linear4bit, answering as nn.Linear does: in the autocast dtype under autocast (the validation
+    images), where bitsandbytes would answer in the input's dtype, fp32 after an autocast norm, which then reaches
+    layers with bf16 weights. A function, so bitsandbytes is imported only when used."""
+    import bitsandbytes as bnb
+
+    class Linear4bitNF4(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            device = x.device.type
+            autocast = torch.is_autocast_enabled(device)
+            return super().forward(x).to(torch.get_autocast_dtype(device) if autocast else x.dtype)
+
+    return Linear4bitNF4
+
+
+def store_in_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Every nn.Linear of `model` replaced by bitsandbytes' Linear4bit (4-bit NormalFloat, blocks of 64, as QLoRA,
+    kohya and OneTrainer store it), computing in the compute dtype; returns how many. The same layer runs on a CPU
+    and on CUDA (where diffusers' BitsAndBytesConfig would put it too, but that refuses to load without a GPU)."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear) or any(p in child_name for p in T5_SKIP_PATTERNS):
+                continue
+            layer = nf4_linear_class()(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.detach().to(compute_dtype), requires_grad=False,
+                                             quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.detach().to(compute_dtype), requires_grad=False)
+            setattr(module, child_name, layer.to(device))  # quantized as it moves to the device
+            replaced += 1
+    return replaced
+
+
+def store_base_weights(text_encoders, denoiser, base_weight_dtype: str | None, compute_dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """--base_weight_dtype: the large frozen weights in 8 or 4 bits, computed in the compute dtype."""
+    for model in large_frozen_models(text_encoders, denoiser) if base_weight_dtype else []:
+        if base_weight_dtype == "fp8":
+            store_in_fp8(model, compute_dtype)
+        else:
+            store_in_nf4(model, compute_dtype, device)
+
+
 def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: torch.dtype) -> None:
     """Freeze every model weight, move the models to the device in the compute dtype (T5-XXL too: 9.5 GB in bf16
-    instead of 19), set memory options. `unet` is the denoiser, UNet or transformer."""
+    instead of 19), store the large ones in 8 or 4 bits if asked (--base_weight_dtype), set memory options. `unet`
+    is the denoiser, UNet or transformer."""
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
         model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
+    base_weight_dtype = getattr(args, "base_weight_dtype", None)
+    store_base_weights(text_encoders, unet, base_weight_dtype, weight_dtype, accelerator.device)
+    # fp8 runs without checkpointing (parse_args refuses the pair). Measured on the SD-1.5 shape (64 px, batch 1,
+    # bf16 file, CPU), fp8 without it peaked only 0.24 GB above fp8 with it: layerwise casting swaps each weight
+    # back to fp8 after its forward, so autograd does not keep a bf16 copy of every layer.
+    checkpointing = args.gradient_checkpointing
     vae.eval()
     for text_encoder in text_encoders:
         without_dropout(text_encoder)
         text_encoder.train()  # only lets gradient checkpointing engage
-        if args.gradient_checkpointing:
+        if checkpointing:
             enable_activation_checkpointing(text_encoder)
-    if args.gradient_checkpointing:
+    if checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
     if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from embedding_files import embedding_rows, embedding_vectors
-from frozen_models import (SINGLE_FILE_SUFFIXES, ModelSource, UsageError, check_vae_factor, find_model_source,
+from frozen_models import (BASE_WEIGHT_DTYPES, SINGLE_FILE_SUFFIXES, ModelSource, UsageError, check_vae_factor, find_model_source,
                            freeze_and_place, load_models, load_tokenizers, pool_at_end_of_text, vae_factor,
                            weight_dtype_for)
 from templates import TEMPLATES
@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=None, help="Seed for a reproducible run (a random one is drawn and logged if unset).")
     # hardware
     a("--mixed_precision", default="no", help="no, fp16 or bf16; frozen weights run in it, the vectors stay fp32.")
+    a("--base_weight_dtype", default=None, choices=BASE_WEIGHT_DTYPES,
+      help="Store the large frozen weights (UNet or transformer, and T5) in 8 bits (fp8: float8_e4m3fn, upcast per "
+           "layer) or 4 bits (nf4, needs bitsandbytes); they compute in --mixed_precision. Default: that dtype.")
+    a("--fp8_base", action="store_true", help="kohya's name for --base_weight_dtype fp8.")
     a("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     a("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
     a("--no_cache_latents", action="store_true",
@@ -258,6 +262,9 @@ def validate_args(args: argparse.Namespace) -> str | None:
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             return f"--{name} must be one of {', '.join(allowed)} (got {getattr(args, name)!r})"
+    problem = validate_base_weight_dtype(args)
+    if problem:
+        return problem
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         return "--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine"
     hub_flags = [f"--{name}" for name in ("push_to_hub", "hub_token", "hub_model_id") if getattr(args, name)]
@@ -319,6 +326,30 @@ def validate_model_files(args: argparse.Namespace) -> str | None:
         args.num_vectors = rows  # the flag's default, read from the file (a parse-time default, not a derived value)
     elif args.num_vectors is None:
         args.num_vectors = 1
+    return None
+
+
+def validate_base_weight_dtype(args: argparse.Namespace) -> str | None:
+    """--base_weight_dtype / --fp8_base: one mode, its package or dtype present, and nothing it cannot apply to."""
+    if args.fp8_base:
+        if args.base_weight_dtype not in (None, "fp8"):
+            return f"--fp8_base and --base_weight_dtype {args.base_weight_dtype} contradict each other: choose one"
+        args.base_weight_dtype = "fp8"  # the alias, resolved as argparse would resolve a second option string
+    mode = args.base_weight_dtype
+    if mode == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+        return f"--base_weight_dtype fp8 needs float8 dtypes, which torch {torch.__version__} lacks: torch >= 2.1"
+    if mode == "nf4" and not _importable("bitsandbytes"):
+        return "--base_weight_dtype nf4 needs bitsandbytes: `pip install bitsandbytes`, or use fp8"
+    if mode and args.save_as_full_pipeline:
+        return (f"--base_weight_dtype {mode} and --save_as_full_pipeline: the saved pipeline would hold the "
+                f"{mode} weights; save it from a run without --base_weight_dtype")
+    if mode == "fp8" and args.gradient_checkpointing:
+        # Recomputing through layerwise casting fails torch's check (weights are fp8 again by then), and with that
+        # check off T5's vectors trained far from the run without checkpointing (tests/test_base_weights.py).
+        return ("--base_weight_dtype fp8 and --gradient_checkpointing do not work together yet: drop "
+                "--gradient_checkpointing (fp8 keeps no upcast weights for the backward pass), or use nf4")
+    if mode == "nf4" and args.compile_unet:
+        return "--base_weight_dtype nf4 and --compile_unet: bitsandbytes' 4-bit layers do not compile; drop one"
     return None
 
 
@@ -1554,6 +1585,8 @@ LIBRARY_NOISE = (
     "requires torchvision",  # transformers' image processors, which no pipeline here uses
     "multivariate normal distribution",  # transformers' "mean resizing", inside load_textual_inversion
     "local_dir_use_symlinks",  # huggingface_hub, about an argument diffusers passes
+    # bitsandbytes (imported by diffusers when installed) asking the hub for CPU kernels it has a fallback for
+    "kernels-community/quantization-bitsandbytes",
 )
 
 

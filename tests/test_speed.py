@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import frozen_models
 import train_textual_inversion as tti
 
 
@@ -79,11 +80,11 @@ def test_vae_is_upcast_for_fp16_only_when_its_config_asks():
         def __init__(self, **config):
             self.config = config
 
-    assert tti.vae_dtype_for(torch.float16, FakeVae()) == torch.float32  # diffusers' default: force_upcast
-    assert tti.vae_dtype_for(torch.float16, FakeVae(force_upcast=True)) == torch.float32
-    assert tti.vae_dtype_for(torch.float16, FakeVae(force_upcast=False)) == torch.float16
-    assert tti.vae_dtype_for(torch.bfloat16, FakeVae(force_upcast=True)) == torch.bfloat16
-    assert tti.vae_dtype_for(torch.float32, FakeVae()) == torch.float32
+    assert frozen_models.vae_dtype_for(torch.float16, FakeVae()) == torch.float32  # diffusers' default: force_upcast
+    assert frozen_models.vae_dtype_for(torch.float16, FakeVae(force_upcast=True)) == torch.float32
+    assert frozen_models.vae_dtype_for(torch.float16, FakeVae(force_upcast=False)) == torch.float16
+    assert frozen_models.vae_dtype_for(torch.bfloat16, FakeVae(force_upcast=True)) == torch.bfloat16
+    assert frozen_models.vae_dtype_for(torch.float32, FakeVae()) == torch.float32
 
 
 def test_bf16_runs_frozen_weights_in_bf16_and_trains_fp32_vectors(run_training, spy_models, monkeypatch):
