@@ -114,6 +114,24 @@ def _short_hash(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:10]
 
 
+def default_config(shapes: dict, kind: str, name: str) -> str:
+    """The hub folder diffusers takes a file's configs from (its infer_diffusers_model_type): SD 1.5's or 2.1's
+    (v-prediction), SDXL base's. Inpainting and refiner checkpoints are refused: their UNets take other inputs."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+
+    try:
+        model_type = infer_diffusers_model_type(shapes)
+    except Exception:  # a key it reads holds no tensor: keep the family's default
+        model_type = None
+    if model_type in ("inpainting", "inpainting_v2", "xl_inpaint", "xl_refiner", "upscale"):
+        raise UsageError(f"--pretrained_model_name_or_path {name} is a {model_type.replace('_', ' ')} checkpoint "
+                         "(diffusers' reading of its keys); train the word on the base model's checkpoint")
+    usable = {"sd": ("v1", "v2"), "sdxl": ("xl_base", "playground-v2-5")}[kind]
+    if model_type in usable:
+        return DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+    return DEFAULT_CONFIGS[kind]
+
+
 # ---- Where the weights are --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSource:
@@ -187,7 +205,8 @@ def find_model_source(name: str, revision: str | None = None, variant: str | Non
     path = Path(name).expanduser()
     source = ModelSource(name, name, "", revision=revision, variant=variant)
     if path.is_file():
-        kind = checkpoint_kind(checkpoint_shapes(path, "--pretrained_model_name_or_path"))
+        shapes = checkpoint_shapes(path, "--pretrained_model_name_or_path")
+        kind = checkpoint_kind(shapes)
         if kind in ("sd3", "flux"):
             raise UsageError(f"--pretrained_model_name_or_path {name} is {KIND_WORDS[kind]} alone: give it as "
                              "--transformer_file, with --pretrained_model_name_or_path the diffusers folder or hub id "
@@ -196,7 +215,7 @@ def find_model_source(name: str, revision: str | None = None, variant: str | Non
             raise UsageError(f"--pretrained_model_name_or_path {name} is {KIND_WORDS[kind]}: give an SD 1.x/2.x/XL "
                              "checkpoint (model.diffusion_model.*, first_stage_model.*, cond_stage_model.* or "
                              "conditioner.*) or a diffusers pipeline folder")
-        config = single_file_config or DEFAULT_CONFIGS[kind]
+        config = single_file_config or default_config(shapes, kind, name)
         flag = "--single_file_config" if single_file_config else "--pretrained_model_name_or_path"
         source = ModelSource(name, config, "", checkpoint=path, config_flag=flag)
         class_name = pipeline_class_name(source)

@@ -185,3 +185,24 @@ def test_fp8_transformer_file_loads_as_its_rounded_weights(tiny_flux_pipeline, c
     assert trained[key].dtype == torch.float32
     assert torch.equal(trained[key], folder[key].to(torch.float8_e4m3fn).float())
     assert not torch.equal(trained[key], folder[key])
+
+
+def test_a_file_takes_the_configs_diffusers_names_for_its_model_type(tmp_path):
+    """Without --single_file_config, an SD 2.x file (1024-wide cross-attention) is configured from SD 2.1's hub
+    folder, SD 1.x from SD 1.5's; offline, the one line names the folder and --single_file_config. An inpainting
+    file is refused."""
+    from safetensors.torch import save_file
+
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+          "first_stage_model.encoder.conv_in.weight": torch.zeros(2, 2),
+          "cond_stage_model.model.token_embedding.weight": torch.zeros(2, 2)}
+    v2 = {**sd, "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)}
+    inpainting = {**sd, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}
+    for name, tensors, expected in (("v1", sd, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                                    ("v2", v2, "stabilityai/stable-diffusion-2-1"),
+                                    ("inpaint", inpainting, "inpainting checkpoint")):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(tti.UsageError) as refused:
+            tti.find_model_source(str(tmp_path / f"{name}.safetensors"))
+        assert expected in str(refused.value)
+        assert name == "inpaint" or "--single_file_config" in str(refused.value)
