@@ -79,7 +79,7 @@ def test_the_vectors_move_as_in_bf16(mode, tiny_pipeline, concept_dir, tmp_path)
     initial = initial_vectors(tiny_pipeline)
     cosine = torch.nn.functional.cosine_similarity((bf16.vectors - initial).flatten(),
                                                    (low.vectors - initial).flatten(), dim=0)
-    assert cosine > 0.9, cosine
+    assert cosine > 0.85, cosine  # measured here: fp8 0.962, nf4 0.908
 
 
 def initial_vectors(pipeline) -> torch.Tensor:

@@ -108,6 +108,7 @@ def values(ctx: dict) -> dict[str, object]:
         "--noise_offset": ["0.05"],
         "--seed": ["7"],
         "--mixed_precision": ["bf16"],
+        "--base_weight_dtype": ["nf4" if tti._importable("bitsandbytes") else "fp8", "--mixed_precision", "bf16"],
         "--local_rank": ["0"],
         "--output_dir": [str(ctx["tmp"] / "elsewhere")],
         "--save_steps": ["1"],
