@@ -407,8 +407,15 @@ def enable_activation_checkpointing(text_encoder) -> None:
 
 BASE_WEIGHT_DTYPES = ("fp8", "nf4")
 # Never stored in 8 or 4 bits: T5's token table (the placeholder rows' neighbours; `shared` and its tied
-# `embed_tokens`), its position buckets and every norm. CLIP, the VAE and the vectors keep the compute dtype.
-T5_SKIP_PATTERNS = ("shared", "embed_tokens", "relative_attention_bias", "norm")
+# `embed_tokens`), its position buckets, every norm, and its feed-forward output `wo` (transformers keeps it out of
+# quantization, `_keep_in_fp32_modules`: T5 casts that layer's input to the weight's dtype, which would round the
+# activations to fp8, or wreck them as nf4's uint8). CLIP, the VAE and the vectors keep the compute dtype.
+T5_SKIP_PATTERNS = ("shared", "embed_tokens", "relative_attention_bias", "norm", "wo")
+
+
+def skip_patterns(model: torch.nn.Module) -> tuple[str, ...]:
+    """The module names --base_weight_dtype leaves alone in `model` (T5's; a denoiser knows its own)."""
+    return T5_SKIP_PATTERNS if getattr(getattr(model, "config", None), "model_type", "") == "t5" else ()
 
 
 def large_frozen_models(text_encoders, denoiser) -> list[torch.nn.Module]:
@@ -416,7 +423,36 @@ def large_frozen_models(text_encoders, denoiser) -> list[torch.nn.Module]:
     return [denoiser] + [e for e in text_encoders if getattr(e.config, "model_type", "") == "t5"]
 
 
-def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+class Fp8SavedWeights:
+    """What autograd keeps of an fp8-stored model's weights for the backward pass: a reference, upcast again when
+    the backward pass needs it. Layerwise casting swaps each weight's data for an upcast copy during its layer's
+    forward, and a frozen layer saves that weight (or `weight.t()`) for its input's gradient; kept, those copies
+    would hold the whole model in the compute dtype until the backward pass, saving nothing over bf16."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.weights = {id(p): p for p in model.parameters() if p.dtype == torch.float8_e4m3fn}
+
+    def pack(self, tensor: torch.Tensor):
+        base = tensor if tensor._base is None else tensor._base
+        weight = self.weights.get(id(base))
+        if weight is None:
+            return tensor
+        return weight, tensor.dtype, tensor.size(), tensor.stride(), tensor.storage_offset()
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        weight, dtype, size, stride, offset = packed
+        return weight.to(dtype).as_strided(size, stride, offset)  # the same view, of a fresh upcast copy
+
+    def install(self, model: torch.nn.Module) -> None:
+        """Active during `model`'s forward pass only (also when it raises)."""
+        hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        model.register_forward_pre_hook(lambda module, args: hooks.__enter__())
+        model.register_forward_hook(lambda module, args, output: hooks.__exit__(None, None, None), always_call=True)
+
+
+def cast_to_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     """float8_e4m3fn storage, upcast to the compute dtype layer by layer (diffusers' layerwise casting)."""
     from diffusers.hooks import apply_layerwise_casting
 
@@ -426,7 +462,13 @@ def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
         from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
         apply_layerwise_casting(model, torch.float8_e4m3fn, compute_dtype,
-                                skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + T5_SKIP_PATTERNS)
+                                skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + skip_patterns(model))
+
+
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """cast_to_fp8, with the backward pass upcasting again instead of keeping the copies (Fp8SavedWeights)."""
+    cast_to_fp8(model, compute_dtype)
+    Fp8SavedWeights(model).install(model)
 
 
 @functools.cache
@@ -451,10 +493,10 @@ def store_in_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: tor
     and on CUDA (where diffusers' BitsAndBytesConfig would put it too, but that refuses to load without a GPU)."""
     import bitsandbytes as bnb
 
-    replaced = 0
+    replaced, skipped = 0, skip_patterns(model)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if not isinstance(child, torch.nn.Linear) or any(p in child_name for p in T5_SKIP_PATTERNS):
+            if not isinstance(child, torch.nn.Linear) or any(p in child_name for p in skipped):
                 continue
             layer = nf4_linear_class()(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", device="meta")
@@ -486,9 +528,6 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
         model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
     base_weight_dtype = getattr(args, "base_weight_dtype", None)
     store_base_weights(text_encoders, unet, base_weight_dtype, weight_dtype, accelerator.device)
-    # fp8 runs without checkpointing (parse_args refuses the pair). Measured on the SD-1.5 shape (64 px, batch 1,
-    # bf16 file, CPU), fp8 without it peaked only 0.24 GB above fp8 with it: layerwise casting swaps each weight
-    # back to fp8 after its forward, so autograd does not keep a bf16 copy of every layer.
     checkpointing = args.gradient_checkpointing
     vae.eval()
     for text_encoder in text_encoders:

@@ -343,11 +343,6 @@ def validate_base_weight_dtype(args: argparse.Namespace) -> str | None:
     if mode and args.save_as_full_pipeline:
         return (f"--base_weight_dtype {mode} and --save_as_full_pipeline: the saved pipeline would hold the "
                 f"{mode} weights; save it from a run without --base_weight_dtype")
-    if mode == "fp8" and args.gradient_checkpointing:
-        # Recomputing through layerwise casting fails torch's check (weights are fp8 again by then), and with that
-        # check off T5's vectors trained far from the run without checkpointing (tests/test_base_weights.py).
-        return ("--base_weight_dtype fp8 and --gradient_checkpointing do not work together yet: drop "
-                "--gradient_checkpointing (fp8 keeps no upcast weights for the backward pass), or use nf4")
     if mode == "nf4" and args.compile_unet:
         return "--base_weight_dtype nf4 and --compile_unet: bitsandbytes' 4-bit layers do not compile; drop one"
     return None
