@@ -39,6 +39,7 @@ from embedding_files import embedding_rows, embedding_vectors
 from frozen_models import (BASE_WEIGHT_DTYPES, SINGLE_FILE_SUFFIXES, ModelSource, UsageError, check_vae_factor, find_model_source,
                            freeze_and_place, load_models, load_tokenizers, pool_at_end_of_text, vae_factor,
                            weight_dtype_for)
+from memory_plan import DTYPE_NAMES, MemoryPlan, PlanRequest, cached_plan, does_not_fit
 from templates import TEMPLATES
 from validation_report import (SELECTION_RULE, SELECTION_RULE_WITHOUT_CLIP, ScoreHistory,
                                describe_validation, write_report)
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="Store the large frozen weights (UNet or transformer, and T5) in 8 bits (fp8: float8_e4m3fn, upcast per "
            "layer) or 4 bits (nf4, needs bitsandbytes); they compute in --mixed_precision. Default: that dtype.")
     a("--fp8_base", action="store_true", help="kohya's name for --base_weight_dtype fp8.")
+    a("--plan_memory", action="store_true",
+      help="Print the memory plan for these flags (per component, activations, peak; from the configs, no weights) "
+           "and exit without training.")
     a("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     a("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
     a("--no_cache_latents", action="store_true",
@@ -2241,7 +2245,40 @@ class TrainResult:
         return next(iter(self.embeds.values()))
 
 
-def main(args: argparse.Namespace) -> TrainResult:
+def memory_plan_request(args: argparse.Namespace, family, source: ModelSource, compute_dtype: torch.dtype,
+                        device_type: str) -> PlanRequest:
+    """What sizes this run's memory, from the flags: one --resolution square image per batch slot."""
+    side = args.resolution
+    images = TrainingImages([torch.empty(3, side, side, dtype=torch.uint8)] * args.train_batch_size, None,
+                            [(side, side)] * args.train_batch_size, [(0, 0)] * args.train_batch_size)
+    t5_length = args.max_sequence_length or family.max_sequence_length
+    lengths = tuple(t5_length if "T5" in class_name else 77 for _, class_name in family.text_encoders)
+    return PlanRequest(source.config, family, side, args.train_batch_size, compute_dtype, args.base_weight_dtype,
+                       args.gradient_checkpointing, lengths, family.conditions(images, args.guidance_scale),
+                       args.num_vectors, source.revision, device_type)
+
+
+def plan_run_memory(args: argparse.Namespace, source: ModelSource, accelerator) -> MemoryPlan:
+    """The memory plan: printed (--plan_memory) or logged; on CUDA, a run that will not fit the free memory stops
+    here, with the flags that would make it fit, instead of an out-of-memory traceback minutes later."""
+    device = accelerator.device
+    request = memory_plan_request(args, model_family(source), source, weight_dtype_for(accelerator.mixed_precision),
+                                  device.type)
+    plan = cached_plan(request)
+    if args.plan_memory:
+        if accelerator.is_main_process:
+            print("\n".join([f"Memory plan for {source.name} ({request.resolution} px, batch {request.batch_size}, "
+                              f"{DTYPE_NAMES[request.compute_dtype]}):", *plan.lines()]))
+        return plan
+    logger.info("\n".join(["Memory plan (from the configs; per process):", *plan.lines()]))
+    if device.type == "cuda":
+        problem = does_not_fit(plan, request, torch.cuda.mem_get_info(device)[0], str(device))
+        if problem:
+            raise UsageError(problem)
+    return plan
+
+
+def main(args: argparse.Namespace) -> TrainResult | None:
     from accelerate.utils import set_seed
 
     # 1. Processes, logging, the checkpoint to resume (checked first: it can refuse the run) and the seed.
@@ -2265,6 +2302,10 @@ def main(args: argparse.Namespace) -> TrainResult:
     if resumed and args.seed is not None and args.seed != seed:
         logger.warning(f"--seed {args.seed} ignored: resuming continues the checkpoint's run, seed {seed}")
     set_seed(seed)
+    # The memory plan, from the configs alone: logged, held against a GPU's free memory, or printed and done.
+    plan_run_memory(args, source, accelerator)
+    if args.plan_memory:
+        return None
 
     # 2. Model family, tokens, templates and images: the user's input is checked before the big models load.
     inputs = prepare_inputs(args, source)

@@ -149,7 +149,9 @@ ELSEWHERE = {"--compile_unet": ("test_speed.py", "test_compiled_unet_trains_to_t
              # Each needs a file in another model's layout, or replaces --initializer_token.
              "--single_file_config": ("test_single_file.py", "test_single_file_trains_the_same_vectors_as_its_folder"),
              "--transformer_file": ("test_single_file.py", "test_transformer_file_trains_like_the_folder"),
-             "--initial_embeddings": ("test_single_file.py", "test_initial_embeddings_start_from_the_file")}
+             "--initial_embeddings": ("test_single_file.py", "test_initial_embeddings_start_from_the_file"),
+             # Prints the plan and trains nothing.
+             "--plan_memory": ("test_memory_plan.py", "test_plan_memory_prints_the_plan_and_trains_nothing")}
 
 
 def flags() -> list[argparse.Action]:
