@@ -509,25 +509,32 @@ def store_in_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: tor
     return replaced
 
 
-def store_base_weights(text_encoders, denoiser, base_weight_dtype: str | None, compute_dtype: torch.dtype,
+def store_base_weights(model: torch.nn.Module, base_weight_dtype: str, compute_dtype: torch.dtype,
                        device: torch.device) -> None:
-    """--base_weight_dtype: the large frozen weights in 8 or 4 bits, computed in the compute dtype."""
-    for model in large_frozen_models(text_encoders, denoiser) if base_weight_dtype else []:
-        if base_weight_dtype == "fp8":
-            store_in_fp8(model, compute_dtype)
-        else:
-            store_in_nf4(model, compute_dtype, device)
+    """--base_weight_dtype: a large frozen model's weights in 8 or 4 bits, computed in the compute dtype, then on
+    the device. Stored so on the host first: moved in the compute dtype first, Flux's transformer would need its
+    23.8 GB of bf16 on the GPU for a moment, and not fit the 24 GB card that fp8 and nf4 are for."""
+    if base_weight_dtype == "fp8":
+        store_in_fp8(model, compute_dtype)
+    else:
+        store_in_nf4(model, compute_dtype, device)
+    model.to(device)  # dtypes kept: the fp8 weights stay fp8, the nf4 layers are there already
 
 
 def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: torch.dtype) -> None:
     """Freeze every model weight, move the models to the device in the compute dtype (T5-XXL too: 9.5 GB in bf16
-    instead of 19), store the large ones in 8 or 4 bits if asked (--base_weight_dtype), set memory options. `unet`
-    is the denoiser, UNet or transformer."""
+    instead of 19), the large ones stored in 8 or 4 bits first if asked (--base_weight_dtype), set memory options.
+    `unet` is the denoiser, UNet or transformer."""
+    base_weight_dtype = getattr(args, "base_weight_dtype", None)
+    large = large_frozen_models(text_encoders, unet) if base_weight_dtype else []
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
-        model.to(accelerator.device, dtype=vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype)
-    base_weight_dtype = getattr(args, "base_weight_dtype", None)
-    store_base_weights(text_encoders, unet, base_weight_dtype, weight_dtype, accelerator.device)
+        dtype = vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype
+        if any(model is m for m in large):
+            model.to(dtype=dtype)
+            store_base_weights(model, base_weight_dtype, weight_dtype, accelerator.device)
+        else:
+            model.to(accelerator.device, dtype=dtype)
     checkpointing = args.gradient_checkpointing
     vae.eval()
     for text_encoder in text_encoders:

@@ -187,6 +187,42 @@ def test_fp8_transformer_file_loads_as_its_rounded_weights(tiny_flux_pipeline, c
     assert not torch.equal(trained[key], folder[key])
 
 
+def test_an_fp8_file_with_fp8_base_weights_keeps_the_files_values(tiny_flux_pipeline, concept_dir, tmp_path,
+                                                                  watch_steps):
+    """--transformer_file stored in fp8 and --base_weight_dtype fp8: the transformer is stored in fp8 again, holding
+    exactly the file's values (fp8 -> bf16 -> fp8 is exact), and trains."""
+    from original_layout import flux_single_file_any_width, flux_transformer_to_original
+    from safetensors.torch import load_file
+
+    file = flux_transformer_to_original(tiny_flux_pipeline / "transformer", tmp_path / "fp8.safetensors",
+                                        dtype=torch.float8_e4m3fn)
+    with flux_single_file_any_width():
+        result = tti.main(tti.parse_args(train_argv(tiny_flux_pipeline, concept_dir, tmp_path / "out",
+                                                    "--resolution", "32", "--max_train_steps", "2",
+                                                    "--mixed_precision", "bf16", "--base_weight_dtype", "fp8",
+                                                    "--transformer_file", str(file))))
+    assert all(torch.isfinite(v).all() for v in result.embeds.values())
+    stored = watch_steps["run"].models.denoiser.transformer_blocks[0].attn.to_q.weight
+    in_file = load_file(file)["double_blocks.0.img_attn.qkv.weight"]  # q, k and v stacked, q first
+    assert stored.dtype == torch.float8_e4m3fn
+    assert torch.equal(stored.view(torch.uint8), in_file[: stored.shape[0]].view(torch.uint8))
+
+
+@pytest.mark.skipif(not tti._importable("bitsandbytes"), reason="bitsandbytes is not installed")
+def test_a_single_file_trains_with_nf4_base_weights(tiny_sd15_layout_pipeline, concept_dir, tmp_path, watch_steps):
+    import bitsandbytes as bnb
+    from original_layout import sd_pipeline_to_original
+
+    file = sd_pipeline_to_original(tiny_sd15_layout_pipeline, tmp_path / "my-model.safetensors")
+    result = tti.main(tti.parse_args(train_argv(file, concept_dir, tmp_path / "out", "--single_file_config",
+                                                str(tiny_sd15_layout_pipeline), "--mixed_precision", "bf16",
+                                                "--base_weight_dtype", "nf4", *VALIDATION)))
+    assert torch.isfinite(result.vectors).all()
+    unet = watch_steps["run"].models.denoiser
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in unet.modules())
+    assert (tmp_path / "out" / "validation" / "step-4.png").is_file()
+
+
 def test_a_file_takes_the_configs_diffusers_names_for_its_model_type(tmp_path):
     """Without --single_file_config, an SD 2.x file (1024-wide cross-attention) is configured from SD 2.1's hub
     folder, SD 1.x from SD 1.5's; offline, the one line names the folder and --single_file_config. An inpainting
