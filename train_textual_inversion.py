@@ -2258,19 +2258,26 @@ def memory_plan_request(args: argparse.Namespace, family, source: ModelSource, c
                        args.num_vectors, source.revision, device_type)
 
 
-def plan_run_memory(args: argparse.Namespace, source: ModelSource, accelerator) -> MemoryPlan:
+def plan_run_memory(args: argparse.Namespace, source: ModelSource, accelerator) -> MemoryPlan | None:
     """The memory plan: printed (--plan_memory) or logged; on CUDA, a run that will not fit the free memory stops
     here, with the flags that would make it fit, instead of an out-of-memory traceback minutes later."""
     device = accelerator.device
     request = memory_plan_request(args, model_family(source), source, weight_dtype_for(accelerator.mixed_precision),
                                   device.type)
-    plan = cached_plan(request)
+    try:
+        plan = cached_plan(request)
+    except (OSError, ValueError, KeyError) as error:  # a config the plan cannot read: loading names the real problem
+        if args.plan_memory:
+            raise UsageError(f"--plan_memory: cannot plan {source.name}: {str(error).splitlines()[0]}") from None
+        logger.warning(f"No memory plan ({str(error).splitlines()[0]})")
+        return None
     if args.plan_memory:
         if accelerator.is_main_process:
             print("\n".join([f"Memory plan for {source.name} ({request.resolution} px, batch {request.batch_size}, "
                               f"{DTYPE_NAMES[request.compute_dtype]}):", *plan.lines()]))
         return plan
-    logger.info("\n".join(["Memory plan (from the configs; per process):", *plan.lines()]))
+    # One line: --plan_memory lists it by component.
+    logger.info(f"M{plan.summary()[1:]} per process, from the configs")
     if device.type == "cuda":
         problem = does_not_fit(plan, request, torch.cuda.mem_get_info(device)[0], str(device))
         if problem:

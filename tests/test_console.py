@@ -23,10 +23,10 @@ def test_a_run_prints_its_own_lines_and_no_library_notices(tiny_pipeline, concep
     assert "Traceback" not in output and "Warning" not in output, output
     lines = [line for line in re.split(r"[\r\n]", output) if line.strip()]
     logged = [line for line in lines if " - INFO - " in line or " - WARNING - " in line]
-    # One line for the processes, the latent cache, the summary, each of the two saving steps, the result, and where
-    # the vectors ended up (a multi-line block).
+    # One line for the processes, the memory plan, the latent cache, the summary, each of the two saving steps, the
+    # result, and where the vectors ended up (a multi-line block).
     assert [line.split(" - ", 3)[-1].split(" ")[0] for line in logged] == [
-        "1", "Cached", "*****", "Step", "Step", "Saved", "Vectors"]
+        "1", "Memory", "Cached", "*****", "Step", "Step", "Saved", "Vectors"]
     assert re.search(r"Step 2: saved learned_embeds-steps-2.safetensors and cat-toy-steps-2.safetensors \(nearest "
                      r"words: vector 0: \S+, \S+, \S+, \S+, \S+\), checkpoint-2, validation/step-2.png \(val loss "
                      r"[0-9.]+; best so far\)", output), output
