@@ -153,7 +153,13 @@ def measure(args: argparse.Namespace, process_start: float, progress_path: str |
         progress["phase"] = "after training"  # the final validation and checkpoint, then the floor
         stamp()
 
-    tti.load_frozen_models, tti.iterate_steps = load_and_keep, timed_steps
+    plan_run_memory = tti.plan_run_memory
+
+    def plan_and_keep(*a, **k):
+        seen["plan"] = plan_run_memory(*a, **k)
+        return seen["plan"]
+
+    tti.load_frozen_models, tti.iterate_steps, tti.plan_run_memory = load_and_keep, timed_steps, plan_and_keep
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         tti.main(tti.parse_args(trainer_argv(args, pipeline_folder(args.pipeline), out, args.worker)))
@@ -168,7 +174,7 @@ def measure(args: argparse.Namespace, process_start: float, progress_path: str |
     return {"step_s": statistics.median(steps), "floor_s": statistics.median(floor),
             "first_step_s": seen["stamps"][1] - seen["stamps"][0], "compile_s": compile_seconds(),
             "startup_s": seen["first_step_wall"] - process_start, "peak_bytes": train_peak,
-            "load_peak_bytes": seen["load_peak"], "baseline_bytes": seen["baseline"], "weights_bytes": weights,
+            "load_peak_bytes": seen["load_peak"], "plan_bytes": seen["plan"].peak, "baseline_bytes": seen["baseline"], "weights_bytes": weights,
             "grad_bytes": sum(p.numel() * p.element_size() for p in models.prompt_encoder.parameters()
                               if p.requires_grad),
             "checkpoint_bytes": checkpoint_bytes, "device": device_name(), "threads": torch.get_num_threads()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -52,6 +53,9 @@ class Row:
 # The compiled row last: how long its compile takes is known only afterwards (see STRETCHES).
 ROWS = [Row("sd15_bf16", "sd15", "bf16", ""), Row("sd15_fp16", "sd15", "fp16", ""),
         Row("sdxl_bf16", "sdxl", "bf16", ""), Row("sdxl_bf16_gc", "sdxl", "bf16", "--gradient_checkpointing"),
+        # 8- and 4-bit frozen weights: peak CUDA memory against the memory plan (nf4 where bitsandbytes is there)
+        Row("sdxl_fp8_gc", "sdxl", "bf16", "--base_weight_dtype fp8 --gradient_checkpointing"),
+        Row("sdxl_nf4_gc", "sdxl", "bf16", "--base_weight_dtype nf4 --gradient_checkpointing"),
         Row("sd15_bf16_compile", "sd15", "bf16", "--compile_unet")]
 PART_NAMES = ["preflight", "tests", "build_sd15", "build_sdxl", *(row.name for row in ROWS)]
 # What the check is for: a failure, or a verdict missing because the part overran, fails the whole check. The builds
@@ -67,11 +71,11 @@ CORRECTNESS = ("preflight", "tests")
 # Dry: about 4x what each part took on 2 idle CPU cores (a row ~5 s), for slower or busy machines. The tiny compiled
 # row took 80 s there with an empty compile cache (71 s of it compiling: 42 s in its first step, most of the rest
 # recompiling the forward without grad for the final validation loss; 102 s with vectorized kernels, see Check.env)
-# and 16 s with a warm one. Its 70 s are what it gets if every part before it used its whole budget; stretched, it
-# typically gets 190 s.
-BUDGETS = {"preflight": (20, 20), "tests": (100, 30), "build_sd15": (30, 20), "build_sdxl": (40, 20),
+# and 16 s with a warm one. Its 40 s are what it gets if every part before it used its whole budget; stretched, it
+# typically gets 190 s. The fp8 and nf4 rows took the 70 s it had (tests 20 s, compile 50 s on a GPU).
+BUDGETS = {"preflight": (20, 20), "tests": (80, 30), "build_sd15": (30, 20), "build_sdxl": (40, 20),
            "sd15_bf16": (30, 20), "sd15_fp16": (30, 20), "sdxl_bf16": (40, 20), "sdxl_bf16_gc": (40, 20),
-           "sd15_bf16_compile": (140, 70)}
+           "sdxl_fp8_gc": (35, 15), "sdxl_nf4_gc": (35, 15), "sd15_bf16_compile": (90, 40)}
 TOTAL_S = {"gpu": 470, "dry": 240}
 # Parts that may run on into whatever the parts before them left of the total, their budget being the least they get
 # when those kept to theirs: a cold compile's length varies with the machine more than anything else here. Last only.
@@ -586,6 +590,10 @@ def run_row(check: Check, row: Row, build: dict) -> None:
         check.add({"name": row.name, "title": title, "budget_s": check.budget(row.name), "status": "skipped",
                    "elapsed_s": 0.0, "config": config, "detail": f"no pipeline: {build['name']} {build['status']}"})
         return
+    if "nf4" in row.variant and importlib.util.find_spec("bitsandbytes") is None:
+        check.add({"name": row.name, "title": title, "budget_s": check.budget(row.name), "status": "skipped",
+                   "elapsed_s": 0.0, "config": config, "detail": "bitsandbytes is not installed"})
+        return
     result, progress = check.tmp / f"{row.name}.json", check.tmp / f"{row.name}.progress.json"
     cmd = bench_command(Path(build["result"]["path"]), config, result, progress)
     entry = {**check.run(row.name, cmd, title), "config": config}
@@ -596,7 +604,7 @@ def run_row(check: Check, row: Row, build: dict) -> None:
         entry["result"] = {**bench, "ratio": bench["step_s"] / bench["floor_s"]}
         compiled = f", compile {bench['compile_s']:.1f} s" if bench.get("compile_s") else ""
         entry["summary"] = (f"step {bench['step_s']:.3f} s, ratio {entry['result']['ratio']:.3f}, "
-                            f"peak {size(bench['peak_bytes'])}, start-up {bench['startup_s']:.1f} s{compiled}")
+                            f"peak {size(bench['peak_bytes'])} (plan {size(bench['plan_bytes'])}), start-up {bench['startup_s']:.1f} s{compiled}")
     elif entry["status"] == "overrun":
         entry["measured"] = measured_so_far(json.loads(progress.read_text()) if progress.is_file() else None,
                                             time.time())  # within milliseconds of the kill
@@ -621,6 +629,7 @@ def outcome_text(parts: list[dict]) -> str:
 
 # The speed table's number columns: key in a row's result (or an overrun row's measurements so far), and its format.
 SPEED_COLUMNS = [("step_s", "{:.3f} s"), ("floor_s", "{:.3f} s"), ("ratio", "{:.3f}"), ("peak_bytes", size),
+                 ("plan_bytes", size),
                  ("startup_s", "{:.1f} s"), ("first_step_s", "{:.1f} s"), ("compile_s", "{:.1f} s"),
                  ("weights_bytes", size)]
 
@@ -660,10 +669,11 @@ def markdown(report: dict) -> str:
                   "Step and floor: medians; ratio = step / floor; peak: allocated GPU memory while training (on a "
                   "CPU: resident memory); start-up: process start to the first step, which the first-step column "
                   "times (compilation happens there); compile: Dynamo's and Inductor's own time, every compile and "
-                  "recompile (the final validation's forward is one), apart from the step. An overrun row shows what "
-                  "it had measured when it was cut.", "",
-                  "| pipeline | px | batch | precision | variant | step | floor | ratio | peak | start-up | first step "
-                  "| compile | weights | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "recompile (the final validation's forward is one), apart from the step; plan: the memory plan's "
+                  "peak (memory_plan.py; on a CPU it adds a runtime estimate). An overrun row shows what it had "
+                  "measured when it was cut.", "",
+                  "| pipeline | px | batch | precision | variant | step | floor | ratio | peak | plan | start-up "
+                  "| first step | compile | weights | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in rows:
             c = p["config"]
             cells = [c["family"], str(c["resolution"]), str(c["batch_size"]), c["mixed_precision"],

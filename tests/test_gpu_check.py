@@ -108,6 +108,7 @@ def test_each_row_reports_step_floor_ratio_peak_memory_and_startup(dry_run):
         r = part["result"]
         assert r["step_s"] > 0 and r["floor_s"] > 0 and r["ratio"] == pytest.approx(r["step_s"] / r["floor_s"])
         assert r["peak_bytes"] > r["weights_bytes"] > 0 and r["startup_s"] > 0
+        assert r["plan_bytes"] > r["weights_bytes"]  # the memory plan the run logged
         assert r["compile_s"] == 0  # nothing compiled: the column is the compiled row's
     fp16 = parts(report)["sd15_fp16"]
     assert fp16["config"]["mixed_precision"] == "no" and "fp16 needs CUDA" in fp16["note"]
@@ -126,7 +127,7 @@ def test_markdown_report_shows_every_part_and_the_numbers(dry_run):
         assert f"| {part['name']} | {part['title']} | **{part['status']}** |" in md
     step = parts(report)["sdxl_bf16_gc"]["result"]["step_s"]
     assert f"| sdxl | 32 | 1 | bf16 | --gradient_checkpointing | {step:.3f} s |" in md
-    assert "| sd15 | 32 | 2 | bf16 | --compile_unet | - | - | - | - | - | - | - | - | overrun |" in md
+    assert "| sd15 | 32 | 2 | bf16 | --compile_unet | - | - | - | - | - | - | - | - | - | overrun |" in md
 
 
 def test_an_overrun_row_is_reported_with_what_it_measured_and_the_check_still_passes(tmp_path, monkeypatch):
@@ -162,7 +163,7 @@ def test_an_overrun_row_is_reported_with_what_it_measured_and_the_check_still_pa
         "summary"]
     assert check.report["passed"] and check.report["not_fatal"] == ["sd15_bf16"]
     md = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert "| sd15 | 32 | 2 | bf16 | (default) | 0.250 s | - | - | - | 4.5 s | 30.0 s | - | - | overrun |" in md
+    assert "| sd15 | 32 | 2 | bf16 | (default) | 0.250 s | - | - | - | - | 4.5 s | 30.0 s | - | - | overrun |" in md
 
 
 def test_only_a_failure_or_a_correctness_part_that_did_not_finish_fails_the_check():
