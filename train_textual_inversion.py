@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha_mask", action="store_true", help="Weight the loss by each image's alpha channel (kohya's flag).")
     a("--mask_dir", default=None,
       help="Folder of grayscale masks, one per image with its file stem: white counts in the loss, black does not.")
+    # What the loss does outside a mask, with OneTrainer's names (None: the default for masks, MASKED_LOSS_DEFAULTS).
+    a("--unmasked_weight", type=float, default=None,
+      help="Loss weight outside the mask, 0-1 (OneTrainer's name; default 0: the background is not trained on).")
+    a("--unmasked_probability", type=float, default=None,
+      help="Share of samples trained without their mask, 0-1, drawn per step from the seed (default 0).")
+    a("--normalize_masked_area_loss", action=argparse.BooleanOptionalAction, default=None,
+      help="Divide each sample's loss by its mask's area, so a small object trains as hard as a large one "
+           "(default on; --no-normalize_masked_area_loss averages over the whole image).")
+    a("--masked_prior_preservation_weight", type=float, default=None,
+      help="Outside the mask, pull the prediction towards the frozen model's with the initializer in place of the "
+           "word, with this weight, 0-1 (default 0; one extra forward pass without gradient per masked sample).")
     a("--enable_bucket", action="store_true",
       help="Aspect-ratio buckets: each image keeps its shape (about --resolution^2 pixels) instead of a square.")
     a("--min_bucket_reso", type=int, default=256, help="Smallest bucket side (with --enable_bucket).")
@@ -223,6 +234,22 @@ def _usage_error(message: str) -> None:
     sys.exit(2)
 
 
+MASKED_LOSS_FLAGS = ("unmasked_weight", "unmasked_probability", "normalize_masked_area_loss",
+                     "masked_prior_preservation_weight")
+
+
+def validate_masked_loss(args: argparse.Namespace) -> str | None:
+    """The masked-loss options need masks, and their weights and probability lie in [0, 1]."""
+    given = [name for name in MASKED_LOSS_FLAGS if getattr(args, name) is not None]
+    if given and not (args.alpha_mask or args.mask_dir):
+        return f"--{given[0]} shapes the loss outside a mask, and there are none: add --alpha_mask or --mask_dir"
+    for name in ("unmasked_weight", "unmasked_probability", "masked_prior_preservation_weight"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            return f"--{name} must be between 0 and 1 (got {value})"
+    return None
+
+
 def validate_args(args: argparse.Namespace) -> str | None:
     """Return the first problem with the flags, as a message naming the flag, or None."""
     problem = validate_model_files(args)  # first: it also fills --num_vectors' default
@@ -243,6 +270,9 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return f"--noise_offset must be 0 or more (got {args.noise_offset})"
     if args.alpha_mask and args.mask_dir:
         return "--alpha_mask and --mask_dir both give masks: choose one"
+    problem = validate_masked_loss(args)
+    if problem:
+        return problem
     if args.caption_extension is not None and not args.caption_extension.strip("."):
         return f"--caption_extension {args.caption_extension!r} is empty: give e.g. .txt"
     problem = validate_buckets(args)
@@ -488,12 +518,14 @@ class PlaceholderEmbedding(torch.nn.Module):
         # would broadcast a buffer at every forward. A resume rebuilds it from the initializer, as here.
         self.initial = vectors.float().detach().clone()
         self.reference_norm = 1.0  # the median norm of the vocabulary rows in use (set_reference_norm)
+        self.use_initial = False  # read `initial` instead (initializer_in_place: the frozen model's own prediction)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.frozen(input_ids.clamp(max=self.frozen.num_embeddings - 1))
         offset = input_ids - self.first_placeholder_id
         is_placeholder = (offset >= 0) & (offset < self.vectors.shape[0])
-        learned = self.vectors[offset.clamp(0, self.vectors.shape[0] - 1)].to(embeds.dtype)
+        rows = self.initial.to(self.vectors.device) if self.use_initial else self.vectors
+        learned = rows[offset.clamp(0, self.vectors.shape[0] - 1)].to(embeds.dtype)
         # torch.where, not a data-dependent branch: no host sync and DDP always sees `vectors` used.
         return torch.where(is_placeholder.unsqueeze(-1), learned, embeds)
 
@@ -1064,6 +1096,13 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1).contiguous()
 
 
+def is_transparent(image: Image.Image) -> bool:
+    """Whether some pixel of the image is not fully opaque (an alpha channel that is all 255 says nothing)."""
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return False
+    return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
 def read_mask(image_path: Path, upright: Image.Image, alpha_mask: bool, mask_dir: str | None) -> Image.Image | None:
     """An image's loss weight as an 8-bit "L" image of its upright size: its alpha channel (--alpha_mask, full
     weight where it has none) or the same-stem file of --mask_dir, itself upright by its own EXIF. None without
@@ -1115,6 +1154,7 @@ def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bo
     if not paths:
         raise UsageError("--train_data_dir has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif): add 3-5")
     result = TrainingImages([], [] if alpha_mask or mask_dir else None, [], [])
+    transparent = []
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -1125,6 +1165,8 @@ def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bo
                 upright = ImageOps.exif_transpose(image)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UsageError(f"--train_data_dir: cannot read image {path} ({e}); fix or remove it") from None
+        if not alpha_mask and is_transparent(upright):
+            transparent.append(path.name)
         how = framing(upright.width, upright.height, resolution, center_crop, buckets)
         result.pixels.append(to_tensor(frame(to_rgb(upright), how)))
         mask = read_mask(path, upright, alpha_mask, mask_dir)
@@ -1132,6 +1174,10 @@ def load_training_images(paths: Sequence[Path], resolution: int, center_crop: bo
             result.masks.append(to_tensor(frame(mask, how, Image.Resampling.BOX)))
         result.original_sizes.append((upright.height, upright.width))
         result.crops_top_left.append(how.crop_top_left)
+    if transparent:  # said out loud: captions naming the real background would otherwise describe a white one
+        names = ", ".join(transparent[:3]) + (", ..." if len(transparent) > 3 else "")
+        logger.warning(f"{len(transparent)} of {len(paths)} images have transparency ({names}): it is composited onto "
+                       "white; --alpha_mask would use it as the loss mask instead")
     return result
 
 
@@ -1526,45 +1572,111 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) 
 
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask_weights: torch.Tensor | None = None,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The MSE. A mask weights each latent cell and each sample's loss is divided by its mask's total, so the loss
-    scale does not depend on how much of the image the concept covers; `sample_weights` (Min-SNR) scale each
-    sample's loss. Without either, plain `F.mse_loss`."""
+                   sample_weights: torch.Tensor | None = None, options: LossOptions | None = None,
+                   prior: torch.Tensor | None = None) -> torch.Tensor:
+    """The MSE. A mask weights each latent cell, at least `options.unmasked_weight`; with
+    `normalize_masked_area_loss` each sample's loss is divided by its weights' total, so the loss scale does not
+    depend on how much of the image the concept covers. `prior` (masked prior preservation) is the frozen model's
+    prediction without the word: outside the mask the prediction is also pulled towards it. `sample_weights`
+    (Min-SNR) scale each sample's loss. Without a mask or sample weights, plain `F.mse_loss`."""
     if mask_weights is None and sample_weights is None:
         return F.mse_loss(prediction, target, reduction="mean")
     squared = (prediction - target) ** 2
     if mask_weights is None:
         per_sample = squared.mean(dim=(1, 2, 3))
     else:
-        weights = mask_weights.expand_as(squared)
-        per_sample = (squared * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+        options = options or LossOptions()
+        weights = mask_weights.clamp(min=options.unmasked_weight).expand_as(squared)
+        per_sample = area_mean(squared * weights, weights, options.normalize_masked_area_loss)
+        if prior is not None:
+            outside = 1.0 - weights
+            pulled = (prediction - prior) ** 2 * outside * options.masked_prior_preservation_weight
+            per_sample = per_sample + area_mean(pulled, outside, options.normalize_masked_area_loss)
     return (per_sample if sample_weights is None else per_sample * sample_weights).mean()
+
+
+def area_mean(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Per sample: the weighted sum over the weights' total (normalized), or the mean over every cell."""
+    if not normalize:
+        return weighted.mean(dim=(1, 2, 3))
+    return weighted.sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp(min=1e-12)
+
+
+def unmasked_draw(mask_weights: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """--unmasked_probability: each sample's mask replaced by full weight with this probability. Drawn from the
+    step's generator after its noise, so a run without the option draws what it always drew, and a resume the same."""
+    if not probability:
+        return mask_weights
+    drop = torch.rand(mask_weights.shape[0], generator=generator, device=generator.device) < probability
+    return torch.where(drop.view(-1, 1, 1, 1).to(mask_weights.device), torch.ones_like(mask_weights), mask_weights)
+
+
+@contextlib.contextmanager
+def initializer_in_place(embeddings: Sequence[PlaceholderEmbedding]):
+    """The placeholder rows read the initializer's vectors instead of the learned ones, for the frozen model's own
+    prediction (--masked_prior_preservation_weight)."""
+    for embedding in embeddings:
+        embedding.use_initial = True
+    try:
+        yield
+    finally:
+        for embedding in embeddings:
+            embedding.use_initial = False
 
 
 def training_loss(batch: dict, models: Models, generator: torch.Generator,
                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """The latent-diffusion loss of one micro-batch: noise the image latents, predict, MSE against the target.
-    Timesteps are drawn from the generator unless given (the validation loss fixes them)."""
+    Timesteps are drawn from the generator unless given (the validation loss fixes them, and uses each mask
+    whole, without the prior: the same loss at every validation)."""
     device, process, options = generator.device, models.process, models.loss
     latents = models.latents.sample(batch["image_index"], batch["flip"], generator)
     # Noise, noising and target in float32 whatever the compute dtype; only the denoiser's input is cast down.
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if timesteps is None:
+    validating = timesteps is not None
+    if not validating:
         timesteps = process.draw_timesteps(latents, generator)
     if options.noise_offset:  # diffusers' --noise_offset: a per-channel shift, so the model can learn mean brightness
         noise = noise + options.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
                                                            device=device, dtype=latents.dtype)
     noisy_latents = process.noisy(latents, noise, timesteps)
-    encoder_hidden_states, pooled = models.prompt_encoder(batch["input_ids"].to(device))
+    input_ids = batch["input_ids"].to(device)
+    encoder_hidden_states, pooled = models.prompt_encoder(input_ids)
     conditions = None if models.conditions is None else models.conditions[batch["image_index"].to(device)]
     family = FAMILY_NAMES[models.family]
     model_pred = family.predict(models.denoiser, noisy_latents, timesteps, encoder_hidden_states, pooled, conditions,
                                 models.weight_dtype)
     target = process.target(latents, noise, timesteps)
-    mask_weights = None
+    mask_weights, prior = None, None
     if options.mask_weights is not None:
         mask_weights = by_image_and_flip(options.mask_weights, batch["image_index"], batch["flip"])
-    return diffusion_loss(model_pred.float(), target.float(), mask_weights, process.weights(timesteps))
+        if not validating:
+            mask_weights = unmasked_draw(mask_weights, options.unmasked_probability, generator)
+            if options.masked_prior_preservation_weight:
+                prior = prior_prediction(models, family, (noisy_latents, timesteps, input_ids, conditions),
+                                         mask_weights, model_pred)
+    return diffusion_loss(model_pred.float(), target.float(), mask_weights, process.weights(timesteps), options,
+                          prior)
+
+
+def prior_prediction(models: Models, family, inputs: tuple, mask_weights: torch.Tensor,
+                     model_pred: torch.Tensor) -> torch.Tensor:
+    """The frozen model's prediction for the same noisy latents with the initializer's vectors in place of the word,
+    without gradient, for the samples that have a mask this step (the others keep their own prediction: no pull)."""
+    noisy_latents, timesteps, input_ids, conditions = inputs
+    prior = model_pred.detach().float().clone()
+    masked = (mask_weights < 1).flatten(1).any(dim=1)
+    if not masked.any():
+        return prior
+    pick = masked.nonzero().flatten()
+    # The unwrapped encoder: DDP's forward broadcasts buffers, and ranks with no masked sample skip this pass.
+    encoder = getattr(models.prompt_encoder, "module", models.prompt_encoder)
+    with torch.no_grad(), initializer_in_place(models.trained):
+        states, pooled = encoder(input_ids[pick])
+        picked_conditions = None if conditions is None else conditions[pick]
+        prior[pick] = family.predict(models.denoiser, noisy_latents[pick], timesteps[pick], states, pooled,
+                                     picked_conditions, models.weight_dtype).float()
+    return prior
 
 
 # ---- main, step by step ----------------------------------------------------------------------------------------------
@@ -1956,6 +2068,17 @@ class LossOptions:
     mask_weights: list[torch.Tensor] | None = None  # per image [2 (flip), 1, h, w], on the device (masks given)
     noise_offset: float = 0.0  # --noise_offset
     embedding_reg_weight: float = 0.0  # --embedding_reg_weight: added to the loss, not part of the logged loss
+    # Outside the masks (the --unmasked_weight ... flags, resolved by masked_loss_options; today's loss by default).
+    unmasked_weight: float = 0.0
+    unmasked_probability: float = 0.0
+    normalize_masked_area_loss: bool = True
+    masked_prior_preservation_weight: float = 0.0
+
+
+def masked_loss_options(args: argparse.Namespace) -> dict:
+    """The masked-loss flags with the defaults for masks filled in (a flag left out is None)."""
+    defaults = {name: getattr(LossOptions, name) for name in MASKED_LOSS_FLAGS}
+    return {name: defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults}
 
 
 @dataclass
@@ -2563,7 +2686,7 @@ def load_frozen_models(args, accelerator, inputs: Inputs) -> Models:
     if inputs.images.masks is not None:
         weights = latent_loss_weights(inputs.images.masks, vae_factor(vae.config))
         mask_weights = [w.to(accelerator.device) for w in weights]
-    loss = LossOptions(mask_weights, args.noise_offset, args.embedding_reg_weight)
+    loss = LossOptions(mask_weights, args.noise_offset, args.embedding_reg_weight, **masked_loss_options(args))
     prompt_encoder = PromptEncoder(text_encoders, family, [t.model_max_length for t in inputs.tokenizers])
     return Models(inputs.family, inputs.tokenizers, prompt_encoder, vae, denoiser, process, embeddings, weight_dtype,
                   latents, conditions, loss, inputs.source)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import train_textual_inversion as tti
+from conftest import watch_frozen_rows
 from train_textual_inversion import UsageError
 
 PLACEHOLDER = "<cat-toy>"
@@ -190,6 +191,94 @@ def test_masked_loss_counts_only_the_mask_and_does_not_depend_on_its_area():
     assert tti.diffusion_loss(prediction, target, right).item() == 0.0
     assert tti.diffusion_loss(prediction, target, torch.ones(2, 1, 4, 4)).item() == pytest.approx(
         torch.nn.functional.mse_loss(prediction, target).item())
+
+
+def test_unmasked_weight_and_area_normalisation_weigh_the_background():
+    prediction, target = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    target[..., :2] = 1.0  # error 1 in columns 0-1, 0 in columns 2-3
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :1] = 1.0  # the object: column 0
+
+    def loss(**options):
+        return tti.diffusion_loss(prediction, target, mask, None, tti.LossOptions(**options)).item()
+
+    assert loss() == pytest.approx(1.0)  # today's: the object only, over its own area
+    assert loss(unmasked_weight=1.0) == pytest.approx(0.5)  # the background counts fully: the plain MSE
+    assert loss(unmasked_weight=0.5) == pytest.approx((1 + 0.5) / (1 + 3 * 0.5))  # per row: weighted error / weights
+    assert loss(normalize_masked_area_loss=False) == pytest.approx(1 / 4)  # over the whole image
+
+
+def test_prior_preservation_pulls_the_background_only_towards_the_prior():
+    prediction = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    target, prior = torch.ones(1, 1, 4, 4), torch.full((1, 1, 4, 4), 3.0)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1.0
+    options = tti.LossOptions(masked_prior_preservation_weight=0.5)
+    loss = tti.diffusion_loss(prediction, target, mask, None, options, prior)
+    assert loss.item() == pytest.approx(1.0 + 0.5 * 9.0)  # the object's error, plus the pull over the background
+    loss.backward()
+    grad = prediction.grad[0, 0]
+    assert (grad[:, :2] < 0).all() and (grad[:, 2:] < 0).all()  # both push the prediction up...
+    assert torch.allclose(grad[:, :2], torch.full((4, 2), -2 / 8)) and torch.allclose(grad[:, 2:], torch.full(
+        (4, 2), -0.5 * 6 / 8))  # ...the object towards the target (1), the background towards the prior (3)
+
+
+def test_unmasked_probability_draws_whole_masks_from_the_generator():
+    masks = torch.zeros(64, 1, 2, 2)
+    assert tti.unmasked_draw(masks, 0.0, torch.Generator().manual_seed(0)) is masks  # no draw: the noise is as before
+    assert (tti.unmasked_draw(masks, 1.0, torch.Generator().manual_seed(0)) == 1).all()
+    drawn = tti.unmasked_draw(masks, 0.25, torch.Generator().manual_seed(3))
+    whole = (drawn == 1).flatten(1).all(dim=1)
+    assert (whole | (drawn == 0).flatten(1).all(dim=1)).all()  # whole masks, never parts of one
+    assert 4 <= whole.sum() <= 28 and torch.equal(drawn, tti.unmasked_draw(masks, 0.25, torch.Generator().manual_seed(3)))
+
+
+def half_masks(concept_dir, folder):
+    folder.mkdir()
+    for image in concept_dir.iterdir():
+        with Image.open(image) as opened:
+            mask = Image.new("L", opened.size, 0)
+        mask.paste(255, (0, 0, mask.width // 2, mask.height))
+        mask.save(folder / f"{image.stem}.png")
+    return ["--mask_dir", str(folder)]
+
+
+def test_background_options_in_a_run(run_training, concept_dir, tmp_path, tiny_pipeline, monkeypatch):
+    from transformers import CLIPTextModel
+
+    masks = half_masks(concept_dir, tmp_path / "masks")
+    masked = run_training("--max_train_steps", "2", *masks, out=tmp_path / "masked")
+    # The prior is the frozen model with the initializer's vectors: equal to the prediction at the first step (no
+    # pull, the same update), pulling once the vectors have moved. The token table stays the model's own throughout.
+    table = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").get_input_embeddings().weight
+    checks = watch_frozen_rows(monkeypatch, table.detach().clone())
+    prior = run_training("--max_train_steps", "2", *masks, "--masked_prior_preservation_weight", "1",
+                         out=tmp_path / "prior")
+    assert checks == [True, True]
+    assert prior.history[0]["loss"] == masked.history[0]["loss"]
+    assert prior.history[1]["loss"] > masked.history[1]["loss"]
+    # Every sample without its mask is the run without masks.
+    never = run_training("--max_train_steps", "2", *masks, "--unmasked_probability", "1", out=tmp_path / "never")
+    plain = run_training("--max_train_steps", "2", out=tmp_path / "plain")
+    torch.testing.assert_close(never.vectors, plain.vectors)
+    assert not torch.allclose(masked.vectors, plain.vectors)
+
+
+def test_transparent_images_without_alpha_mask_are_said_out_loud(tmp_path, caplog):
+    clear, opaque = tmp_path / "clear.png", tmp_path / "opaque.png"
+    object_on_nothing = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
+    object_on_nothing.paste((255, 0, 0, 255), (4, 4, 12, 12))
+    object_on_nothing.save(clear)
+    Image.new("RGBA", (16, 16), (255, 0, 0, 255)).save(opaque)  # an alpha channel that says nothing
+    with caplog.at_level("WARNING", logger="textual_inversion"):
+        tti.load_training_images([clear, opaque], 16, False)
+    (line,) = [r.getMessage() for r in caplog.records if "transparency" in r.getMessage()]
+    assert "1 of 2 images" in line and "clear.png" in line and "white" in line and "--alpha_mask" in line
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="textual_inversion"):
+        tti.load_training_images([clear, opaque], 16, False, alpha_mask=True)
+        tti.load_training_images([opaque], 16, False)
+    assert not [r for r in caplog.records if "transparency" in r.getMessage()]
 
 
 # ---- loss weighting --------------------------------------------------------------------------------------------------

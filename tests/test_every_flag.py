@@ -52,6 +52,20 @@ def masks(ctx: dict) -> list[str]:
     return [str(folder)]
 
 
+def half_masks(ctx: dict) -> list[str]:
+    """--mask_dir with each mask white on its left half only: the loss options outside a mask have a background."""
+    from PIL import Image, ImageOps
+
+    folder = ctx["tmp"] / "half_masks"
+    folder.mkdir()
+    for image in ctx["data"].iterdir():
+        with Image.open(image) as opened:
+            mask = Image.new("L", ImageOps.exif_transpose(opened).size, 0)
+            mask.paste(255, (0, 0, mask.width // 2, mask.height))
+            mask.save(folder / f"{image.stem}.png")
+    return ["--mask_dir", str(folder)]
+
+
 BUCKETS = ["--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8"]
 
 
@@ -75,6 +89,10 @@ def values(ctx: dict) -> dict[str, object]:
         "--caption_extension": captions,
         "--caption_column": metadata,
         "--mask_dir": masks,
+        "--unmasked_weight": lambda c: ["0.1", *half_masks(c)],
+        "--unmasked_probability": lambda c: ["0.5", *half_masks(c)],
+        "--normalize_masked_area_loss": half_masks,
+        "--masked_prior_preservation_weight": lambda c: ["0.5", *half_masks(c)],
         "--enable_bucket": BUCKETS[1:],
         "--min_bucket_reso": BUCKETS[2:] + ["--enable_bucket"],
         "--max_bucket_reso": BUCKETS[4:] + BUCKETS[:3],

@@ -59,12 +59,20 @@ DEFAULT_CONCEPTS = (
     {"shape": "cross", "colour": "orange", "pattern": "plain"},
 )
 RECIPES = ("templates", "captions", "masks", "both")
+# What the loss does outside the mask (issue 24), run by name: --recipes masks-held masks-prior.
+BACKGROUND_RECIPES = {
+    "masks-held": ["--unmasked_weight", "0.1", "--unmasked_probability", "0.1", "--no-normalize_masked_area_loss"],
+    "masks-prior": ["--masked_prior_preservation_weight", "1"],
+}
 RECIPE_ABOUT = {
     "templates": "templates only (make demo)",
     "captions": "captions name size and background",
     "masks": "loss only on the object (masks)",
     "both": "captions and masks",
+    "masks-held": "masks, the background at 0.1 and one sample in ten unmasked (OneTrainer's defaults)",
+    "masks-prior": "masks, the background pulled to the frozen model's prediction",
 }
+ALL_RECIPES = (*RECIPES, *BACKGROUND_RECIPES)
 
 # `make demo`'s training flags (the Makefile's demo target), less its checkpoints and validation images, which change
 # nothing that is learned; the recipe adds its own, and the cell its --seed.
@@ -79,10 +87,10 @@ def recipe_flags(recipe: str, concept_dir: Path) -> list[str]:
     flags = ["--templates", str(CAPTION_TEMPLATES if captions else TEMPLATES)]
     if captions:
         flags += ["--caption_extension", ".txt"]
-    if recipe in ("masks", "both"):
-        flags += ["--mask_dir", str(concept_dir / "masks")]
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r} (one of {', '.join(RECIPES)})")
+    if recipe in ("masks", "both", *BACKGROUND_RECIPES):
+        flags += ["--mask_dir", str(concept_dir / "masks"), *BACKGROUND_RECIPES.get(recipe, [])]
+    if recipe not in ALL_RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r} (one of {', '.join(ALL_RECIPES)})")
     return flags
 
 
@@ -238,7 +246,7 @@ def collect(out_dir: Path) -> list[dict]:
                       "eval_s": timing.get("eval_s"), "trainer": timing.get("trainer"),
                       "trainer_sha256": timing.get("trainer_sha256"), "eval_json": str(summary),
                       "baselines_from": baselines_from, "eval_subjects": "learned" if baselines_from else "all"})
-    order = {r: i for i, r in enumerate(RECIPES)}
+    order = {r: i for i, r in enumerate(ALL_RECIPES)}
     concepts = {world.concept_name(c): i for i, c in enumerate(DEFAULT_CONCEPTS)}
     cells.sort(key=lambda c: (order.get(c["recipe"], len(order)), c["recipe"],
                               concepts.get(c["concept"], len(concepts)), c["concept"], c["seed"]))
@@ -368,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concepts", nargs="+", type=parse_concept, default=[dict(c) for c in DEFAULT_CONCEPTS],
                         metavar="CONCEPT", help="shape=S,colour=C,pattern=P, colour_pattern_shape or held_out "
                         "(default: " + ", ".join(world.concept_name(c) for c in DEFAULT_CONCEPTS) + ")")
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=ALL_RECIPES, default=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num_images", type=int, default=32, help="samples per prompt (evaluate.py's default)")
     parser.add_argument("--pipeline", type=Path, default=DEFAULT_PIPELINE)
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir.absolute()
     settings = {"training": " ".join(DEMO_FLAGS[:-2]), "placeholder": PLACEHOLDER, "num_images": args.num_images,
-                "recipes": {r: " ".join(recipe_flags(r, Path("<concept>"))) for r in RECIPES},
+                "recipes": {r: " ".join(recipe_flags(r, Path("<concept>"))) for r in ALL_RECIPES},
                 "launcher": args.launcher}
     if args.report_only:
         results_json, results_md, cells = write_results(out_dir, settings)
