@@ -17,6 +17,8 @@ sys.path[:0] = [str(TOY)]
 
 import world  # noqa: E402
 
+import train_textual_inversion as tti  # noqa: E402
+
 
 def _render_pair(attrs, seed):
     rng = np.random.default_rng(seed)
@@ -163,6 +165,12 @@ def test_recipes_driver_commands_and_report(tmp_path, capsys):
     assert recipes.recipe_flags("masks", concept_dir)[-2:] == ["--mask_dir", str(concept_dir / "masks")]
     both = recipes.recipe_flags("both", concept_dir)
     assert "--caption_extension" in both and "--mask_dir" in both
+    for recipe in recipes.BACKGROUND_RECIPES:  # the masks, and flags the trainer parses (a --no- flag included)
+        flags = recipes.recipe_flags(recipe, concept_dir)
+        assert flags[2:4] == ["--mask_dir", str(concept_dir / "masks")] and recipes.missing_trainer_flags(recipe) == []
+        parsed = tti.build_parser().parse_args(["--pretrained_model_name_or_path", "p", "--train_data_dir", "d",
+                                                "--placeholder_token", "<t>", "--initializer_token", "toy", *flags])
+        assert parsed.mask_dir == str(concept_dir / "masks")
     templates = [line for line in recipes.CAPTION_TEMPLATES.read_text().splitlines() if not line.startswith("#")]
     assert templates == [f"{prefix} {{caption}}" for prefix in world.PREFIXES]
 

@@ -97,7 +97,8 @@ def recipe_flags(recipe: str, concept_dir: Path) -> list[str]:
 def missing_trainer_flags(recipe: str, trainer: Path = TRAINER) -> list[str]:
     """The recipe's flags that the trainer does not define yet (a quick look at its source, not a run)."""
     source = trainer.read_text()
-    flags = [f for f in recipe_flags(recipe, Path("x")) if f.startswith("--")]
+    # A --no-X flag is argparse's (BooleanOptionalAction): the source spells X.
+    flags = [f.replace("--no-", "--", 1) for f in recipe_flags(recipe, Path("x")) if f.startswith("--")]
     return [f for f in flags if f'"{f}"' not in source and f"'{f}'" not in source]
 
 
