@@ -23,7 +23,6 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import evaluate as ev  # noqa: E402
 import judge as judge_lib  # noqa: E402
-import world  # noqa: E402
 
 PROMPTS = {"plain": "a photo of a {}", "pink": "a photo of a {} on a pink background"}
 
