@@ -36,7 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")]
+
+from bench_step import pipeline_folder  # noqa: E402  (sd15, tiny-flux or a folder; built on first use)
 
 MODES = ["", "--gradient_checkpointing", "--base_weight_dtype fp8", "--base_weight_dtype fp8 --gradient_checkpointing",
          "--base_weight_dtype nf4", "--base_weight_dtype nf4 --gradient_checkpointing"]
@@ -54,20 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="glibc's usual allocator, which keeps freed memory (step times as users see them on a CPU)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def pipeline_folder(name: str) -> Path:
-    from make_tiny_pipeline import build_sd15_shaped_pipeline, build_tiny_flux_pipeline
-
-    builders = {"sd15": (ROOT / "benchmarks" / "models" / "sd15-shaped", build_sd15_shaped_pipeline),
-                "tiny-flux": (ROOT / "benchmarks" / "models" / "tiny-flux", build_tiny_flux_pipeline)}
-    if name not in builders:
-        return Path(name)
-    folder, build = builders[name]
-    if not (folder / "model_index.json").is_file():
-        print(f"building {folder} ...", file=sys.stderr)
-        build(folder)
-    return folder
 
 
 def trainer_argv(args: argparse.Namespace, pipeline: Path, out: Path, mode: str) -> list[str]:

@@ -59,10 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def pipeline_folder(name: str) -> Path:
     """The pipeline to benchmark, built on first use."""
-    from make_tiny_pipeline import build_sd15_shaped_pipeline, build_tiny_pipeline
+    from make_tiny_pipeline import build_sd15_shaped_pipeline, build_tiny_flux_pipeline, build_tiny_pipeline
 
     builders = {"tiny": (ROOT / "examples" / "tiny-sd", build_tiny_pipeline),
-                "sd15": (ROOT / "benchmarks" / "models" / "sd15-shaped", build_sd15_shaped_pipeline)}
+                "sd15": (ROOT / "benchmarks" / "models" / "sd15-shaped", build_sd15_shaped_pipeline),
+                "tiny-flux": (ROOT / "benchmarks" / "models" / "tiny-flux", build_tiny_flux_pipeline)}
     if name not in builders:
         return Path(name)
     folder, build = builders[name]
