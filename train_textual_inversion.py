@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha_mask", action="store_true", help="Weight the loss by each image's alpha channel (kohya's flag).")
     a("--mask_dir", default=None,
       help="Folder of grayscale masks, one per image with its file stem: white counts in the loss, black does not.")
-    # What the loss does outside a mask, with OneTrainer's names (None: the default for masks, MASKED_LOSS_DEFAULTS).
+    # What the loss does outside a mask, with OneTrainer's names (None: LossOptions' default, for masks).
     a("--unmasked_weight", type=float, default=None,
       help="Loss weight outside the mask, 0-1 (OneTrainer's name; default 0: the background is not trained on).")
     a("--unmasked_probability", type=float, default=None,
@@ -1096,11 +1096,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1).contiguous()
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """Whether the image carries an alpha channel or a transparent colour."""
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
 def is_transparent(image: Image.Image) -> bool:
     """Whether some pixel of the image is not fully opaque (an alpha channel that is all 255 says nothing)."""
-    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
-        return False
-    return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return has_alpha(image) and image.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def read_mask(image_path: Path, upright: Image.Image, alpha_mask: bool, mask_dir: str | None) -> Image.Image | None:
@@ -1109,8 +1112,7 @@ def read_mask(image_path: Path, upright: Image.Image, alpha_mask: bool, mask_dir
     masks. A missing, unreadable, wrongly sized or all-zero mask is refused, naming the file."""
     if alpha_mask:
         flag, where = "--alpha_mask", image_path
-        has_alpha = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
-        mask = upright.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", upright.size, 255)
+        mask = upright.convert("RGBA").getchannel("A") if has_alpha(upright) else Image.new("L", upright.size, 255)
     elif mask_dir:
         candidates = [p for p in sorted(Path(mask_dir).glob(f"{image_path.stem}.*")) if
                       p.suffix.lower() in IMAGE_EXTENSIONS]
