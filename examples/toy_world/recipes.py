@@ -64,6 +64,14 @@ BACKGROUND_RECIPES = {
     "masks-held": ["--unmasked_weight", "0.1", "--unmasked_probability", "0.1", "--no-normalize_masked_area_loss"],
     "masks-prior": ["--masked_prior_preservation_weight", "1"],
 }
+# Whole captions as kohya users write them (the .caption files, "a photo of a large {} on a white background"), no
+# templates around them; whole-dropout puts a template with the word alone in place of one caption in two.
+WHOLE_CAPTION_RECIPES = {
+    "whole": ["--caption_extension", ".caption"],
+    "whole-masks": ["--caption_extension", ".caption", "--mask_dir", "{masks}"],
+    "whole-prior": ["--caption_extension", ".caption", "--mask_dir", "{masks}", "--masked_prior_preservation_weight", "1"],
+    "whole-dropout": ["--caption_extension", ".caption", "--templates", "{templates}", "--caption_dropout_rate", "0.5"],
+}
 RECIPE_ABOUT = {
     "templates": "templates only (make demo)",
     "captions": "captions name size and background",
@@ -71,8 +79,12 @@ RECIPE_ABOUT = {
     "both": "captions and masks",
     "masks-held": "masks, the background at 0.1 and one sample in ten unmasked (OneTrainer's defaults)",
     "masks-prior": "masks, the background pulled to the frozen model's prediction",
+    "whole": "whole captions, no templates (kohya's way)",
+    "whole-masks": "whole captions and masks",
+    "whole-prior": "whole captions, masks and the prior outside them",
+    "whole-dropout": "whole captions, half of them replaced by a template with the word alone",
 }
-ALL_RECIPES = (*RECIPES, *BACKGROUND_RECIPES)
+ALL_RECIPES = (*RECIPES, *BACKGROUND_RECIPES, *WHOLE_CAPTION_RECIPES)
 
 # `make demo`'s training flags (the Makefile's demo target), less its checkpoints and validation images, which change
 # nothing that is learned; the recipe adds its own, and the cell its --seed.
@@ -83,14 +95,16 @@ DEMO_FLAGS = ["--num_vectors", "2", "--resolution", "32", "--train_batch_size", 
 def recipe_flags(recipe: str, concept_dir: Path) -> list[str]:
     """The trainer flags that make `recipe`, for the concept folder `concept_dir` (captions beside the images, masks
     in masks/)."""
+    if recipe not in ALL_RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r} (one of {', '.join(ALL_RECIPES)})")
+    if recipe in WHOLE_CAPTION_RECIPES:
+        return [f.format(masks=concept_dir / "masks", templates=TEMPLATES) for f in WHOLE_CAPTION_RECIPES[recipe]]
     captions = recipe in ("captions", "both")
     flags = ["--templates", str(CAPTION_TEMPLATES if captions else TEMPLATES)]
     if captions:
         flags += ["--caption_extension", ".txt"]
     if recipe in ("masks", "both", *BACKGROUND_RECIPES):
         flags += ["--mask_dir", str(concept_dir / "masks"), *BACKGROUND_RECIPES.get(recipe, [])]
-    if recipe not in ALL_RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r} (one of {', '.join(ALL_RECIPES)})")
     return flags
 
 

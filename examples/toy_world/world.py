@@ -182,6 +182,9 @@ def concept_words(concept: dict[str, str]) -> str:
 
 
 CONCEPT_CAPTION = "large {{}} on a {background} background"  # {} is where the learned word goes
+# The same caption as a kohya user writes it: the whole prompt, no templates around it (for --caption_extension
+# .caption, kohya's default extension).
+WHOLE_CAPTION = f"{PREFIXES[0]} {CONCEPT_CAPTION}"
 
 
 def concept_examples(concept: dict[str, str] = HELD_OUT, seed: int = CONCEPT_SEED,
@@ -202,8 +205,8 @@ def concept_examples(concept: dict[str, str] = HELD_OUT, seed: int = CONCEPT_SEE
 def write_concept(out: str | Path, concept: dict[str, str] = HELD_OUT, seed: int = CONCEPT_SEED,
                   backgrounds: tuple[str, ...] = CONCEPT_BACKGROUNDS, images: bool = True) -> list[Path]:
     """Write a concept folder like examples/toy_concept: `{i}_{background}.png` (large `concept`, one per background),
-    a caption `{i}_{background}.txt` beside each ("large {} on a white background", {} for the learned word) and the
-    object's mask `masks/{i}_{background}.png` (grayscale, 255 = object, 0 = background, anti-aliased edges).
+    a caption `{i}_{background}.txt` beside each ("large {} on a white background", {} for the learned word), the
+    whole caption `{i}_{background}.caption` ("a photo of a large {} on a white background") and the object's mask `masks/{i}_{background}.png` (grayscale, 255 = object, 0 = background, anti-aliased edges).
 
     `images=False` writes only the captions and masks (for a folder whose images exist). Returns the image paths."""
     from PIL import Image
@@ -217,6 +220,7 @@ def write_concept(out: str | Path, concept: dict[str, str] = HELD_OUT, seed: int
         if images:
             Image.fromarray(image).save(out / f"{stem}.png")
         (out / f"{stem}.txt").write_text(CONCEPT_CAPTION.format(background=a["background"]) + "\n")
+        (out / f"{stem}.caption").write_text(WHOLE_CAPTION.format(background=a["background"]) + "\n")
         Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
         paths.append(out / f"{stem}.png")
     return paths
