@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="Text file of your own templates, one per line: {} marks the token, {caption} an image's caption.")
     a("--caption_extension", default=None,
       help="Read a caption per image from the file beside it with this extension, e.g. .txt (kohya's flag).")
+    a("--caption_dropout_rate", type=float, default=0.0,
+      help="The share of samples whose caption gives way to a template with the word alone (--templates' lines "
+           "without {caption}, or the built-in ones), so the word also stands without the caption's other words. "
+           "kohya's name; there a dropped caption is empty, which here would drop the word too.")
     a("--caption_column", default="text",
       help="The caption field of --train_data_dir/metadata.jsonl (Hugging Face imagefolder), if that file exists.")
     a("--repeats", type=int, default=100, help="How many times each image appears per epoch.")
@@ -275,6 +279,8 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return problem
     if args.caption_extension is not None and not args.caption_extension.strip("."):
         return f"--caption_extension {args.caption_extension!r} is empty: give e.g. .txt"
+    if not 0.0 <= args.caption_dropout_rate <= 1.0:
+        return f"--caption_dropout_rate must be between 0 and 1 (got {args.caption_dropout_rate})"
     problem = validate_buckets(args)
     if problem:
         return problem
@@ -1226,12 +1232,15 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, num_images: int, template_input_ids: torch.Tensor, repeats: int, seed: int,
-                 per_image: bool = False):
+                 per_image: bool = False, captioned_prompts: int = 0, caption_dropout_rate: float = 0.0):
         self.num_images = num_images
         self.template_input_ids = template_input_ids  # [templates, ...], or [images, templates, ...] if per_image
         self.repeats = repeats
         self.seed = seed
         self.per_image = per_image
+        # Per image, the first `captioned_prompts` hold its caption; the rest are what a dropped caption becomes.
+        self.captioned_prompts = captioned_prompts
+        self.caption_dropout_rate = caption_dropout_rate
 
     def __len__(self) -> int:
         return self.num_images * self.repeats
@@ -1240,7 +1249,13 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         epoch, index = key
         rng = random.Random(derived_seed(self.seed, "item", epoch, index))
         prompts = self.template_input_ids[index % self.num_images] if self.per_image else self.template_input_ids
-        template = rng.randrange(len(prompts))
+        if self.caption_dropout_rate > 0:
+            dropped = rng.random() < self.caption_dropout_rate
+            first, count = (self.captioned_prompts, len(prompts) - self.captioned_prompts) if dropped else \
+                (0, self.captioned_prompts)
+            template = first + rng.randrange(count)
+        else:
+            template = rng.randrange(len(prompts))
         return {"image_index": index % self.num_images, "flip": rng.random() < 0.5, "input_ids": prompts[template]}
 
 
@@ -2447,7 +2462,7 @@ def main(args: argparse.Namespace) -> TrainResult | None:
 
     # 4. Data plan, learning rate, optimizer; only the text encoder(s) (holding the vectors) go under DDP.
     dataset = TextualInversionDataset(len(inputs.images), inputs.template_input_ids, args.repeats, seed,
-                                      inputs.per_image_prompts)
+                                      inputs.per_image_prompts, inputs.captioned_prompts, args.caption_dropout_rate)
     plan = BatchPlan(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
                      accelerator.num_processes, accelerator.process_index, seed, bucket_ids(inputs.images))
     max_train_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
@@ -2512,6 +2527,7 @@ class Inputs:
     initial_vectors: list[torch.Tensor] | None  # per encoder, from --initial_embeddings
     template_input_ids: torch.Tensor  # [num_templates, num_tokenizers, longest window], or [num_images, ...]
     per_image_prompts: bool  # captions: each image has its own prompts
+    captioned_prompts: int  # per image, how many of its prompts (the first) hold its caption; the rest take a drop
     images: TrainingImages  # decoded and framed (square or bucket), with masks and sizes
     validation_prompts: list[str]  # validation_prompts(): the reconstruction prompt first; empty: no images
     trained_encoders: tuple[str, ...]  # the family's encoder_names that learn (--text_encoders)
@@ -2578,7 +2594,7 @@ def prepare_inputs(args: argparse.Namespace, source: ModelSource) -> Inputs:
     skipped = [p for p in skipped if p.suffix not in side and p.name not in ("masks", Path(args.mask_dir or ".").name)]
     if skipped:
         logger.warning(f"Skipping non-image entries of --train_data_dir: {', '.join(p.name for p in skipped)}")
-    template_input_ids, per_image = tokenized_prompts(args, tokenizers, image_paths)
+    template_input_ids, per_image, captioned_prompts = tokenized_prompts(args, tokenizers, image_paths)
     buckets = None
     if args.enable_bucket:
         buckets = bucket_sizes(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
@@ -2592,7 +2608,7 @@ def prepare_inputs(args: argparse.Namespace, source: ModelSource) -> Inputs:
     prompts = validation_prompts(edits, args.reconstruction_prompt, args.placeholder_token, args.learnable_property,
                                  bool(args.clip_model_name_or_path))
     return Inputs(family, source, tokenizers, placeholder_token_ids, initializer_ids, starts, template_input_ids,
-                  per_image, images, prompts, trained_encoders)
+                  per_image, captioned_prompts, images, prompts, trained_encoders)
 
 
 def check_family_flags(args: argparse.Namespace, family) -> tuple[str, ...]:
@@ -2616,31 +2632,48 @@ def check_family_flags(args: argparse.Namespace, family) -> tuple[str, ...]:
     return names
 
 
-def tokenized_prompts(args: argparse.Namespace, tokenizers: list, image_paths: Sequence[Path]) -> tuple[torch.Tensor,
-                                                                                                       bool]:
+def tokenized_prompts(args: argparse.Namespace, tokenizers: list,
+                      image_paths: Sequence[Path]) -> tuple[torch.Tensor, bool, int]:
     """The training prompts, checked and tokenized by each tokenizer: the templates, or each image's captions (with
-    the templates that take them). Returns the ids and whether they are per image."""
+    the templates that take them, then --caption_dropout_rate's templates with the word alone). Returns the ids,
+    whether they are per image, and how many of an image's prompts hold its caption."""
     templates = load_templates(args.templates, args.learnable_property)
     captions = read_captions(image_paths, args.train_data_dir, args.caption_extension, args.caption_column)
     if captions is None:
         if any(CAPTION_SLOT in t for t in templates):
             raise UsageError(f"--templates uses {CAPTION_SLOT} but the images have no captions: give "
                              "--caption_extension, or a metadata.jsonl in --train_data_dir")
+        if args.caption_dropout_rate > 0:
+            raise UsageError("--caption_dropout_rate drops captions, and the images have none: give "
+                             "--caption_extension, or a metadata.jsonl in --train_data_dir, or drop the flag")
         per_image = [[t.format(args.placeholder_token) for t in templates]]
         sources = [[f"--templates line {t!r}" for t in templates]]
+        captioned = 0
     else:
         source = f"the {args.caption_extension} files beside the images" if args.caption_extension else "metadata.jsonl"
-        use = "inside the templates" if any(CAPTION_SLOT in t for t in templates) else "as the prompts"
+        dropping = args.caption_dropout_rate > 0
+        # A dropped caption becomes a template that names the word alone: the file's lines without {caption}, or
+        # the built-in ones when the file has none.
+        word_alone = [t for t in templates if CAPTION_SLOT not in t] or list(TEMPLATES[args.learnable_property])
+        with_caption = [t for t in templates if CAPTION_SLOT in t] if dropping else templates
+        use = "inside the templates" if any(CAPTION_SLOT in t for t in with_caption) else "as the prompts"
+        per_image = caption_prompts(with_caption, captions, args.placeholder_token,
+                                    args.templates is not None and not dropping)
+        captioned = len(per_image[0])
+        sources = [[where] * captioned for _, where in captions]
+        if dropping:
+            per_image = [rows + [t.format(args.placeholder_token) for t in word_alone] for rows in per_image]
+            sources = [rows + [f"template {t!r}" for t in word_alone] for rows in sources]
+            use += (f"; {args.caption_dropout_rate:.0%} of samples (--caption_dropout_rate) take one of "
+                    f"{len(word_alone)} templates with the word alone instead")
         logger.info(f"Captions from {source}, {use}")
-        per_image = caption_prompts(templates, captions, args.placeholder_token, args.templates is not None)
-        sources = [[where] * len(prompts) for prompts, (_, where) in zip(per_image, captions)]
     expanded = [(expand_placeholder(p, args.placeholder_token, args.num_vectors), w)
                 for prompts, wheres in zip(per_image, sources) for p, w in zip(prompts, wheres)]
     for tokenizer in tokenizers:
         check_prompt_lengths(tokenizer, expanded)
     ids = torch.stack([stack_windows([tokenize_prompts(t, prompts, args.placeholder_token, args.num_vectors)
                                       for t in tokenizers]) for prompts in per_image])
-    return (ids, True) if captions is not None else (ids[0], False)
+    return (ids, True, captioned) if captions is not None else (ids[0], False, captioned)
 
 
 def noise_process(args, family, noise_scheduler) -> Diffusion | FlowMatching:

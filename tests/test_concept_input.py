@@ -95,6 +95,61 @@ def test_caption_template_combinations():
         tti.caption_prompts(["{}"], [("{} here", "a.txt"), ("a dog", "b.txt")], PLACEHOLDER, False)
 
 
+def test_caption_dropout_draws_templates_with_the_word_alone():
+    # One image: its caption (prompt 0), then three templates a dropped caption becomes.
+    ids = torch.arange(4 * 6).view(1, 4, 6)
+    def caption_share(rate):
+        ds = tti.TextualInversionDataset(1, ids, 1000, seed=0, per_image=True, captioned_prompts=1,
+                                         caption_dropout_rate=rate)
+        drawn = [int(ds[(0, i)]["input_ids"][0]) // 6 for i in range(1000)]
+        return drawn.count(0) / len(drawn), set(drawn)
+    share, drawn = caption_share(0.5)
+    assert 0.45 < share < 0.55 and drawn == {0, 1, 2, 3}
+    assert caption_share(1.0) == (0.0, {1, 2, 3})
+    share, _ = caption_share(0.0)  # no dropout: every prompt alike, as before the flag
+    assert 0.2 < share < 0.3
+
+
+def test_caption_dropout_prompts_follow_each_caption(tiny_pipeline, tmp_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline / "tokenizer")
+    paths = images_in(tmp_path / "data")
+    for path, text in zip(paths, ("a photo of {} on a beach", "{} in the snow")):
+        path.with_suffix(".txt").write_text(text)
+    templates = tmp_path / "t.txt"
+    def prompts(*flags):
+        args = tti.parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline), "--train_data_dir",
+                               str(tmp_path / "data"), "--placeholder_token", PLACEHOLDER, "--initializer_token",
+                               "toy", "--caption_extension", ".txt", *flags])
+        ids, per_image, captioned = tti.tokenized_prompts(args, [tokenizer], paths)
+        texts = [[tokenizer.decode(row[0], skip_special_tokens=True) for row in image] for image in ids]
+        return per_image, captioned, texts
+    # Whole captions, no templates: each caption, then the built-in templates.
+    per_image, captioned, texts = prompts("--caption_dropout_rate", "0.5")
+    assert per_image and captioned == 1 and [len(t) for t in texts] == [1 + len(tti.TEMPLATES["object"])] * 2
+    assert "beach" in texts[0][0] and "snow" in texts[1][0] and not any("beach" in t for t in texts[0][1:])
+    # A file's lines without {caption} are what a dropped caption becomes; without dropout such a file is refused.
+    templates.write_text("a rendering of {caption}\na drawing of a {}\na sketch of a {}\n")
+    per_image, captioned, texts = prompts("--caption_dropout_rate", "0.25", "--templates", str(templates))
+    word = "< cat - toy >"  # as the tiny tokenizer, which has not added the placeholder, decodes it
+    assert captioned == 1 and texts == [[f"a rendering of a photo of {word} on a beach", f"a drawing of a {word}",
+                                         f"a sketch of a {word}"],
+                                        [f"a rendering of {word} in the snow", f"a drawing of a {word}",
+                                         f"a sketch of a {word}"]]
+    templates.write_text("a drawing of a {}\n")
+    with pytest.raises(UsageError, match=r"--templates has no \{caption\} line"):
+        prompts("--templates", str(templates))
+    assert prompts("--templates", str(templates), "--caption_dropout_rate", "0.5")[1:2] == (1,)
+    for path in paths:
+        path.with_suffix(".txt").unlink()
+    with pytest.raises(UsageError, match="--caption_dropout_rate drops captions, and the images have none"):
+        tti.tokenized_prompts(tti.parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline),
+                                              "--train_data_dir", str(tmp_path / "data"), "--placeholder_token",
+                                              PLACEHOLDER, "--initializer_token", "toy",
+                                              "--caption_dropout_rate", "0.5"]), [tokenizer], paths)
+
+
 def test_templates_may_hold_a_caption_slot(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("a photo of a {}, {caption}\na rendering of {caption}\n")

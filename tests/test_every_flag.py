@@ -88,6 +88,7 @@ def values(ctx: dict) -> dict[str, object]:
         "--templates": [str(templates)],
         "--caption_extension": captions,
         "--caption_column": metadata,
+        "--caption_dropout_rate": lambda c: ["0.5", "--caption_extension", *captions(c)],
         "--mask_dir": masks,
         "--unmasked_weight": lambda c: ["0.1", *half_masks(c)],
         "--unmasked_probability": lambda c: ["0.5", *half_masks(c)],
