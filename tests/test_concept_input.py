@@ -298,17 +298,27 @@ def half_masks(concept_dir, folder):
     return ["--mask_dir", str(folder)]
 
 
+def test_masks_hold_the_background_with_the_prior_by_default(tiny_pipeline, tmp_path):
+    def options(*flags):
+        return tti.masked_loss_options(tti.parse_args([
+            "--pretrained_model_name_or_path", str(tiny_pipeline), "--train_data_dir", str(tmp_path),
+            "--placeholder_token", PLACEHOLDER, "--initializer_token", "toy", "--mask_dir", str(tmp_path), *flags]))
+    assert options() == {"unmasked_weight": 0.0, "unmasked_probability": 0.0, "normalize_masked_area_loss": True,
+                         "masked_prior_preservation_weight": 1.0}
+    assert options("--masked_prior_preservation_weight", "0")["masked_prior_preservation_weight"] == 0.0
+
+
 def test_background_options_in_a_run(run_training, concept_dir, tmp_path, tiny_pipeline, monkeypatch):
     from transformers import CLIPTextModel
 
     masks = half_masks(concept_dir, tmp_path / "masks")
-    masked = run_training("--max_train_steps", "2", *masks, out=tmp_path / "masked")
+    masked = run_training("--max_train_steps", "2", *masks, "--masked_prior_preservation_weight", "0",
+                          out=tmp_path / "masked")
     # The prior is the frozen model with the initializer's vectors: equal to the prediction at the first step (no
     # pull, the same update), pulling once the vectors have moved. The token table stays the model's own throughout.
     table = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").get_input_embeddings().weight
     checks = watch_frozen_rows(monkeypatch, table.detach().clone())
-    prior = run_training("--max_train_steps", "2", *masks, "--masked_prior_preservation_weight", "1",
-                         out=tmp_path / "prior")
+    prior = run_training("--max_train_steps", "2", *masks, out=tmp_path / "prior")  # the default with masks: 1
     assert checks == [True, True]
     assert prior.history[0]["loss"] == masked.history[0]["loss"]
     assert prior.history[1]["loss"] > masked.history[1]["loss"]

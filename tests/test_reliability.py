@@ -183,7 +183,8 @@ def concept_with_captions_masks_and_sizes(folder: Path) -> list[str]:
     return ["--caption_extension", ".txt", "--mask_dir", str(masks), "--enable_bucket", "--resolution", "32",
             "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8", "--snr_gamma", "5",
             "--noise_offset", "0.1", "--max_grad_norm", "1.0", "--unmasked_weight", "0.1", "--unmasked_probability",
-            "0.3", "--masked_prior_preservation_weight", "0.5"]
+            "0.3", "--masked_prior_preservation_weight", "0.5",
+            "--caption_dropout_rate", "0.5"]
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "captions-masks-buckets-snr"])

@@ -82,6 +82,9 @@ def test_concept_writer_reproduces_toy_concept_with_captions_and_masks(tmp_path)
         caption = (tmp_path / f"{stem}.txt").read_text()
         assert caption == f"large {{}} on a {background} background\n"
         assert (CONCEPT_DIR / f"{stem}.txt").read_text() == caption  # the committed captions match
+        whole = (tmp_path / f"{stem}.caption").read_text()
+        assert whole == f"a photo of a large {{}} on a {background} background\n"
+        assert (CONCEPT_DIR / f"{stem}.caption").read_text() == whole
         mask_file = tmp_path / "masks" / f"{stem}.png"
         assert mask_file.read_bytes() == (CONCEPT_DIR / "masks" / f"{stem}.png").read_bytes()
         with Image.open(mask_file) as mask_image:
@@ -162,15 +165,21 @@ def test_recipes_driver_commands_and_report(tmp_path, capsys):
     assert recipes.recipe_flags("templates", concept_dir) == ["--templates", str(recipes.TEMPLATES)]
     assert recipes.recipe_flags("captions", concept_dir) == ["--templates", str(recipes.CAPTION_TEMPLATES),
                                                              "--caption_extension", ".txt"]
-    assert recipes.recipe_flags("masks", concept_dir)[-2:] == ["--mask_dir", str(concept_dir / "masks")]
+    # The object-only masked loss, said out loud now that the trainer's default with masks holds the background.
+    assert recipes.recipe_flags("masks", concept_dir)[-4:] == ["--mask_dir", str(concept_dir / "masks"),
+                                                               "--masked_prior_preservation_weight", "0"]
     both = recipes.recipe_flags("both", concept_dir)
     assert "--caption_extension" in both and "--mask_dir" in both
-    for recipe in recipes.BACKGROUND_RECIPES:  # the masks, and flags the trainer parses (a --no- flag included)
+    prior_weights = {"masks-held": 0.0, "masks-prior": 1.0, "whole": None, "whole-masks": 0.0, "whole-prior": 1.0,
+                     "whole-dropout": None}
+    for recipe, prior in prior_weights.items():  # the masks, and flags the trainer parses (a --no- flag included)
         flags = recipes.recipe_flags(recipe, concept_dir)
-        assert flags[2:4] == ["--mask_dir", str(concept_dir / "masks")] and recipes.missing_trainer_flags(recipe) == []
+        assert recipes.missing_trainer_flags(recipe) == []
         parsed = tti.build_parser().parse_args(["--pretrained_model_name_or_path", "p", "--train_data_dir", "d",
                                                 "--placeholder_token", "<t>", "--initializer_token", "toy", *flags])
-        assert parsed.mask_dir == str(concept_dir / "masks")
+        assert parsed.mask_dir == (None if prior is None else str(concept_dir / "masks"))
+        assert parsed.masked_prior_preservation_weight == prior
+    assert parsed.caption_extension == ".caption" and parsed.caption_dropout_rate == 0.5  # whole-dropout
     templates = [line for line in recipes.CAPTION_TEMPLATES.read_text().splitlines() if not line.startswith("#")]
     assert templates == [f"{prefix} {{caption}}" for prefix in world.PREFIXES]
 

@@ -2,8 +2,9 @@
 
 The folder has the layout of examples/toy_concept: `{i}_{background}.png` on the backgrounds world.CONCEPT_BACKGROUNDS
 (white, gray, black, teal, white; pink is kept back for the editing prompt), a caption `{i}_{background}.txt` beside each
-image ("large {} on a white background", {} for the learned word; for --caption_extension .txt) and the object's mask
-`masks/{i}_{background}.png` (grayscale, 255 = object, 0 = background, anti-aliased edges; for --mask_dir). For the
+image ("large {} on a white background", {} for the learned word; for --caption_extension .txt), the whole caption
+`{i}_{background}.caption` as a kohya user writes it ("a photo of a large {} on a white background"; for
+--caption_extension .caption with no templates) and the object's mask `masks/{i}_{background}.png` (grayscale, 255 = object, 0 = background, anti-aliased edges; for --mask_dir). For the
 held-out concept (the default) and the default --seed, the images are examples/toy_concept's, bit for bit.
 
     python examples/toy_world/make_concept.py --out out/red_dotted_square --concept shape=square,colour=red,pattern=dotted

@@ -9,6 +9,10 @@ initializer = the concept's shape word):
     masks       templates.txt, with --mask_dir: the loss only on the object
     both        captions and masks
 
+and, by name (--recipes), the background options and kohya-style whole captions (issue 24; BACKGROUND_RECIPES and
+WHOLE_CAPTION_RECIPES): masks-held, masks-prior, whole, whole-masks, whole-prior, whole-dropout. The mask recipes pass
+their --masked_prior_preservation_weight (0 unless named), since the trainer's default with masks is 1.
+
 For every (recipe, concept, seed) cell it writes the concept folder (make_concept.py's; the held-out concept's images
 are examples/toy_concept's), trains, and judges the learned word with evaluate.py (--words: the concept written in words
 is judged with the same prompts, noises and scoring). The baselines (the initializer word and the words) do not depend
@@ -20,6 +24,7 @@ stopped. Then it writes results.json and results.md (all cells found under --out
     python examples/toy_world/recipes.py --recipes templates --seeds 0 1 2
     python examples/toy_world/recipes.py --recipes captions masks both --dry_run   # print the commands only
     python examples/toy_world/recipes.py --report_only                # rebuild results.json/.md from what is there
+    python examples/toy_world/recipes.py --report_only --earlier_results examples/toy_world/recipes_results.json
 
 Layout under --out_dir (default out/recipes): concepts/<colour_pattern_shape>/ and
 runs/<recipe>/<colour_pattern_shape>/seed<S>/ (learned_embeds.safetensors, eval.json, eval.png, train.log, eval.log,
@@ -98,13 +103,18 @@ def recipe_flags(recipe: str, concept_dir: Path) -> list[str]:
     if recipe not in ALL_RECIPES:
         raise ValueError(f"unknown recipe {recipe!r} (one of {', '.join(ALL_RECIPES)})")
     if recipe in WHOLE_CAPTION_RECIPES:
-        return [f.format(masks=concept_dir / "masks", templates=TEMPLATES) for f in WHOLE_CAPTION_RECIPES[recipe]]
-    captions = recipe in ("captions", "both")
-    flags = ["--templates", str(CAPTION_TEMPLATES if captions else TEMPLATES)]
-    if captions:
-        flags += ["--caption_extension", ".txt"]
-    if recipe in ("masks", "both", *BACKGROUND_RECIPES):
-        flags += ["--mask_dir", str(concept_dir / "masks"), *BACKGROUND_RECIPES.get(recipe, [])]
+        flags = [f.format(masks=concept_dir / "masks", templates=TEMPLATES) for f in WHOLE_CAPTION_RECIPES[recipe]]
+    else:
+        captions = recipe in ("captions", "both")
+        flags = ["--templates", str(CAPTION_TEMPLATES if captions else TEMPLATES)]
+        if captions:
+            flags += ["--caption_extension", ".txt"]
+        if recipe in ("masks", "both", *BACKGROUND_RECIPES):
+            flags += ["--mask_dir", str(concept_dir / "masks"), *BACKGROUND_RECIPES.get(recipe, [])]
+    # The trainer holds the background with the prior by default when masks are given (issue 24); these recipes
+    # name the masked loss they measured, so the object-only ones say so.
+    if "--mask_dir" in flags and "--masked_prior_preservation_weight" not in flags:
+        flags += ["--masked_prior_preservation_weight", "0"]
     return flags
 
 
@@ -232,6 +242,14 @@ def edit_names(edit_background: str = "pink") -> list[tuple[str, str]]:
             ("size=small", "a photo of a small {}")]
 
 
+def cell_order(cell: dict) -> tuple:
+    """Recipes in ALL_RECIPES' order, then concepts in DEFAULT_CONCEPTS' (others after, by name), then seeds."""
+    recipes = {r: i for i, r in enumerate(ALL_RECIPES)}
+    concepts = {world.concept_name(c): i for i, c in enumerate(DEFAULT_CONCEPTS)}
+    return (recipes.get(cell["recipe"], len(recipes)), cell["recipe"], concepts.get(cell["concept"], len(concepts)),
+            cell["concept"], cell["seed"])
+
+
 def collect(out_dir: Path) -> list[dict]:
     """One record per cell with an eval.json under out_dir/runs: recipe, concept, seed, scores and timings."""
     cells = []
@@ -261,11 +279,7 @@ def collect(out_dir: Path) -> list[dict]:
                       "eval_s": timing.get("eval_s"), "trainer": timing.get("trainer"),
                       "trainer_sha256": timing.get("trainer_sha256"), "eval_json": str(summary),
                       "baselines_from": baselines_from, "eval_subjects": "learned" if baselines_from else "all"})
-    order = {r: i for i, r in enumerate(ALL_RECIPES)}
-    concepts = {world.concept_name(c): i for i, c in enumerate(DEFAULT_CONCEPTS)}
-    cells.sort(key=lambda c: (order.get(c["recipe"], len(order)), c["recipe"],
-                              concepts.get(c["concept"], len(concepts)), c["concept"], c["seed"]))
-    return cells
+    return sorted(cells, key=cell_order)
 
 
 def mean(values: list[float]) -> float | None:
@@ -318,7 +332,8 @@ def f3(value: float | None) -> str:
 
 def markdown(cells: list[dict], summary: dict, settings: dict) -> str:
     seeds = sorted({c["seed"] for c in cells})
-    lines = ["# Recipes compared: templates, captions, masks, both", "",
+    recipes = list(dict.fromkeys(c["recipe"] for c in cells))
+    lines = [f"# Recipes compared: {', '.join(recipes)}", "",
              f"Training: `make demo`'s run ({settings['training']}), initializer = the concept's shape word, "
              f"one run per seed. Judged by examples/toy_world/evaluate.py on {settings['num_images']} samples per "
              "prompt (same noises for every subject). *words* is the concept written out (\"purple striped "
@@ -373,8 +388,22 @@ def markdown(cells: list[dict], summary: dict, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: Path, settings: dict) -> tuple[Path, Path, list[dict]]:
-    cells = collect(out_dir)
+def with_earlier_cells(cells: list[dict], earlier: list[Path]) -> list[dict]:
+    """`cells`, plus the cells of earlier results.json files that `cells` lacks (by recipe, concept and seed; the
+    first file to hold one wins). Each borrowed cell says which file it came from."""
+    have = {(c["recipe"], c["concept"], c["seed"]) for c in cells}
+    borrowed = []
+    for path in earlier:
+        for cell in json.loads(Path(path).read_text())["cells"]:
+            key = (cell["recipe"], cell["concept"], cell["seed"])
+            if key not in have:
+                have.add(key)
+                borrowed.append({**cell, "from_results": str(path)})
+    return sorted(cells + borrowed, key=cell_order)
+
+
+def write_results(out_dir: Path, settings: dict, earlier: list[Path] = ()) -> tuple[Path, Path, list[dict]]:
+    cells = with_earlier_cells(collect(out_dir), list(earlier))
     summary = summarise(cells)
     results_json, results_md = out_dir / "results.json", out_dir / "results.md"
     results_json.write_text(json.dumps({"settings": settings, "cells": cells, "summary": summary}, indent=2) + "\n")
@@ -412,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also judge evaluate.py's random-vector baseline (with the other baselines)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands of the cells to run, run nothing")
     parser.add_argument("--report_only", action="store_true", help="only rebuild results.json and results.md")
+    parser.add_argument("--earlier_results", nargs="+", type=Path, default=[], metavar="RESULTS_JSON",
+                        help="add the cells of these results.json files that --out_dir lacks (same recipe, concept "
+                        "and seed), e.g. examples/toy_world/recipes_results.json")
     return parser
 
 
@@ -422,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recipes": {r: " ".join(recipe_flags(r, Path("<concept>"))) for r in ALL_RECIPES},
                 "launcher": args.launcher}
     if args.report_only:
-        results_json, results_md, cells = write_results(out_dir, settings)
+        results_json, results_md, cells = write_results(out_dir, settings, args.earlier_results)
         print(f"{len(cells)} cells: {results_json}, {results_md}")
         return 0
 
@@ -462,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_handler)
     if args.dry_run:
         return 0
-    results_json, results_md, collected = write_results(out_dir, settings)
+    results_json, results_md, collected = write_results(out_dir, settings, args.earlier_results)
     print(f"ran {done} cells; {len(collected)} cells in {results_json} and {results_md}", flush=True)
     if skipped_flags:
         print(f"{skipped_flags} cells skipped: the trainer lacks their recipe's flags ({missing})")
