@@ -453,6 +453,19 @@ class Fp8SavedWeights:
         model.register_forward_hook(lambda module, args, output: hooks.__exit__(None, None, None), always_call=True)
 
 
+def fp8_recompute(saved: Fp8SavedWeights):
+    """Gradient checkpointing for an fp8-stored model: inside a checkpointed block the model's own saved-tensor hooks
+    do not reach, so a layer would keep its weight itself, fp8 again by the time its backward runs (a conv then
+    fails on CPUs without AVX-512 and on CUDA). The block runs with Fp8SavedWeights' hooks, forward and recompute."""
+    def recompute(function, *args, **kwargs):
+        def hooked(*inner_args, **inner_kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                return function(*inner_args, **inner_kwargs)
+        return torch.utils.checkpoint.checkpoint(hooked, *args, use_reentrant=False, determinism_check="none",
+                                                 **kwargs)
+    return recompute
+
+
 def cast_to_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     """float8_e4m3fn storage, upcast to the compute dtype layer by layer (diffusers' layerwise casting)."""
     from diffusers.hooks import apply_layerwise_casting
@@ -546,11 +559,9 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
     if checkpointing:
         recompute = None
         if base_weight_dtype == "fp8":
-            # A conv keeps its weight itself for the backward pass, fp8 again by the time the recompute is checked
-            # against the forward (bf16 then): the same values, another dtype. Unchecked, the vectors train bit for
-            # bit as without checkpointing (tests/test_base_weights.py).
-            recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
-                                          determinism_check="none")
+            # The recompute's dtypes are not checked against the forward's (a saved weight is fp8 by reference,
+            # bf16 when used): the vectors train bit for bit as without checkpointing (tests/test_base_weights.py).
+            recompute = fp8_recompute(Fp8SavedWeights(unet))
         unet.enable_gradient_checkpointing(recompute)
         unet.train()
     if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default
