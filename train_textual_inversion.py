@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha_mask", action="store_true", help="Weight the loss by each image's alpha channel (kohya's flag).")
     a("--mask_dir", default=None,
       help="Folder of grayscale masks, one per image with its file stem: white counts in the loss, black does not.")
-    # What the loss does outside a mask, with OneTrainer's names (None: LossOptions' default, for masks).
+    # What the loss does outside a mask, with OneTrainer's names (None: masked_loss_options fills the default).
     a("--unmasked_weight", type=float, default=None,
       help="Loss weight outside the mask, 0-1 (OneTrainer's name; default 0: the background is not trained on).")
     a("--unmasked_probability", type=float, default=None,
@@ -1250,13 +1250,11 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         epoch, index = key
         rng = random.Random(derived_seed(self.seed, "item", epoch, index))
         prompts = self.template_input_ids[index % self.num_images] if self.per_image else self.template_input_ids
-        if self.caption_dropout_rate > 0:
+        choices = range(len(prompts))
+        if self.caption_dropout_rate > 0:  # the caption's prompts, or (dropped) the word-alone ones after them
             dropped = rng.random() < self.caption_dropout_rate
-            first, count = (self.captioned_prompts, len(prompts) - self.captioned_prompts) if dropped else \
-                (0, self.captioned_prompts)
-            template = first + rng.randrange(count)
-        else:
-            template = rng.randrange(len(prompts))
+            choices = choices[self.captioned_prompts:] if dropped else choices[:self.captioned_prompts]
+        template = choices[rng.randrange(len(choices))]
         return {"image_index": index % self.num_images, "flip": rng.random() < 0.5, "input_ids": prompts[template]}
 
 

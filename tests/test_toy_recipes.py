@@ -225,7 +225,18 @@ def test_recipes_driver_commands_and_report(tmp_path, capsys):
     assert "| masks | purple striped triangle | 1.000 |  | **1.000** |" in table
 
 
-def test_evaluate_subjects_do_not_change_each_other(monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on a busy machine, 2+ threads are ~100 times slower here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_subjects_do_not_change_each_other(monkeypatch, one_thread):
     """Judging only the learned word gives the learned word's images of a fuller evaluation: every prompt draws from
     the same seeded noises (what lets recipes.py judge the baselines once per concept). Tiny: 1 image, 1 step."""
     import torch
@@ -233,15 +244,6 @@ def test_evaluate_subjects_do_not_change_each_other(monkeypatch):
     import evaluate as ev
     import judge as judge_lib
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: on a busy machine, 2+ threads are ~100 times slower here
-    try:
-        _check_subjects(ev, judge_lib, torch, monkeypatch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_subjects(ev, judge_lib, torch, monkeypatch):
     pipeline = ev.load_pipeline(TOY / "pipeline")
     pipeline.load_textual_inversion([torch.randn(2, pipeline.text_encoder.config.hidden_size,
                                                  generator=torch.Generator().manual_seed(0))], token=["<toy-concept>"])
