@@ -4,7 +4,7 @@
 # within 8 minutes. Writes OUT_DIR/gpu_check.json, gpu_check.md and gpu_check.log (default OUT_DIR: out/gpu_check).
 # Exits 1 only where something is wrong (a part failed, or preflight or tests did not finish); a measurement cut by its
 # budget is reported as overrun, with what it had measured. Without CUDA, or with --dry-run, the same parts run on the
-# CPU with tiny shapes in under 4 minutes: about 2 with an empty compile cache, as on a fresh clone, and 1 with a warm
+# CPU with tiny shapes in under 8 minutes: 2-3 with an empty compile cache, as on a fresh clone, and 2 with a warm
 # one (tests/test_gpu_check.py runs it, with an empty cache). Details: benchmarks/gpu_check.py.
 #
 #   bash benchmarks/gpu_wheels.sh                                         # here, with PyPI: fills .whl/

@@ -20,6 +20,21 @@ import train_textual_inversion as tti  # noqa: E402
 from make_tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they will
+def pytest_collection_modifyitems(config, items):
+    """Start the GPU check's dry run (minutes of child processes) now if a test to run reads it: see DryRun."""
+    if any("dry_run" in getattr(item, "fixturenames", ()) for item in items):
+        import test_gpu_check
+
+        test_gpu_check.started = test_gpu_check.DryRun()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    test_gpu_check = sys.modules.get("test_gpu_check")
+    if test_gpu_check is not None and test_gpu_check.started is not None:
+        test_gpu_check.started.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """A tiny SD-1.x pipeline folder (epsilon prediction); treat as read-only."""

@@ -109,5 +109,5 @@ def test_a_diffusers_command_line_through_accelerate_launch(tiny_pipeline, tmp_p
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT)]
     subprocess.run(launch + command_line(tiny_pipeline, out, 2), check=True, cwd=ROOT, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert os.path.isfile(os.path.join(out, "learned_embeds.safetensors"))
-    assert load_file(out / "learned_embeds.safetensors")["<cat-toy>"].shape == (2, 32)
+    vectors = load_file(out / "learned_embeds.safetensors")["<cat-toy>"]
+    assert vectors.shape == (2, 32) and torch.isfinite(vectors).all()

@@ -1,4 +1,5 @@
-"""Real `accelerate launch` runs: the CLI end to end, and two CPU ranks of data-parallel training."""
+"""Two CPU ranks of data-parallel training under a real `accelerate launch` (the one-process CLI launch is
+tests/test_diffusers_examples.py's). Each launch costs ~15 s here, mostly imports: one launch checks several things."""
 
 from __future__ import annotations
 
@@ -22,30 +23,6 @@ def launch(args: list[str], **env: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_cli_through_accelerate_launch(tiny_pipeline, concept_dir, tmp_path):
-    out = tmp_path / "out"
-    launch([*ACCELERATE, "--cpu", "--num_processes", "1", "train_textual_inversion.py",
-            *train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "2")])
-    vectors = load_file(out / "learned_embeds.safetensors")["<cat-toy>"]
-    assert vectors.shape == (1, 32) and torch.isfinite(vectors).all()
-
-
-def test_two_ranks_sync_only_the_vectors_and_agree(tiny_pipeline, concept_dir, tmp_path):
-    out, results = tmp_path / "out", tmp_path / "results"
-    results.mkdir()
-    launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
-            *train_argv(tiny_pipeline, concept_dir, out, "--num_vectors", "2", "--scale_lr", "--max_train_steps", "3",
-                        "--learning_rate", "1e-3")],
-           ACCELERATE_USE_CPU="1")
-    rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
-    assert rank0["num_processes"] == rank1["num_processes"] == 2  # not two world-size-1 runs
-    assert rank0["learning_rate"] == rank1["learning_rate"] == 1e-3 * 1 * 2 * 2  # x accumulation x batch x processes
-    assert torch.equal(rank0["vectors"], rank1["vectors"])
-    assert rank0["synced_numels"] == [2 * 32] * 3  # one all-reduce per step, num_vectors x dim values
-    assert rank0["history"] == rank1["history"]  # the logged loss is the mean over ranks
-    assert torch.equal(load_file(out / "learned_embeds.safetensors")["<cat-toy>"], rank0["vectors"])
-
-
 def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_pipeline, concept_dir, tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     results.mkdir()
@@ -61,37 +38,39 @@ def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_p
 
 
 def test_two_flux_ranks_sync_the_learning_vectors_only(tiny_flux_pipeline, concept_dir, tmp_path):
-    """CLIP-L's and T5's vectors (two AdamW groups) in one all-reduce; with --text_encoders t5, T5's alone."""
-    for encoders, synced in (("clip_l,t5", 2 * (32 + 128)), ("t5", 2 * 128)):
-        out, results = tmp_path / encoders / "out", tmp_path / encoders / "results"
-        results.mkdir(parents=True)
-        launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
-                *train_argv(tiny_flux_pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "2",
-                            "--text_encoders", encoders)],
-               ACCELERATE_USE_CPU="1")
-        rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
-        assert rank0["num_processes"] == rank1["num_processes"] == 2
-        assert rank0["synced_numels"] == [synced] * 2  # the learning vectors, nothing else, once per step
-        saved = load_file(out / "learned_embeds.safetensors")
-        for key in ("clip_l", "t5"):
-            assert torch.equal(rank0["embeds"][key], rank1["embeds"][key])
-            assert torch.equal(saved[key], rank0["embeds"][key])
+    """CLIP-L's and T5's vectors (two AdamW groups) in one all-reduce, and nothing else."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
+            *train_argv(tiny_flux_pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "2",
+                        "--text_encoders", "clip_l,t5")],
+           ACCELERATE_USE_CPU="1")
+    rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["synced_numels"] == [2 * (32 + 128)] * 2  # the learning vectors, nothing else, once per step
+    saved = load_file(out / "learned_embeds.safetensors")
+    for key in ("clip_l", "t5"):
+        assert torch.equal(rank0["embeds"][key], rank1["embeds"][key])
+        assert torch.equal(saved[key], rank0["embeds"][key])
 
 
-def test_two_ranks_stop_early_together_with_norm_controls(tiny_pipeline, concept_dir, tmp_path):
-    """The main process validates and decides; both ranks stop at the same step, having synced only the vectors."""
+def test_two_ranks_sync_only_the_vectors_agree_and_stop_early_together(tiny_pipeline, concept_dir, tmp_path):
+    """The main process validates and decides; both ranks stop at the same step, having synced only the vectors,
+    with the learning rate scaled by the world size and the loss logged as the mean over ranks."""
     out, results = tmp_path / "out", tmp_path / "results"
     results.mkdir()
     launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/launch_main.py", str(results),
             *train_argv(tiny_pipeline, concept_dir, out, "--num_vectors", "2", "--max_train_steps", "12",
-                        "--validation_steps", "2", "--early_stopping_patience", "2", "--preserve_embedding_norm",
-                        "--embedding_reg_weight", "0.5")],
+                        "--scale_lr", "--learning_rate", "1e-3", "--validation_steps", "2",
+                        "--early_stopping_patience", "2", "--preserve_embedding_norm", "--embedding_reg_weight", "0.5")],
            ACCELERATE_USE_CPU="1", TEST_SCORE_BY_STEP="1")
     rank0, rank1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
-    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["num_processes"] == rank1["num_processes"] == 2  # not two world-size-1 runs
+    assert rank0["learning_rate"] == rank1["learning_rate"] == 1e-3 * 1 * 2 * 2  # x accumulation x batch x processes
     assert len(rank0["history"]) == len(rank1["history"]) == 6  # validations at 2, 4, 6; patience 2 after step 2
+    assert rank0["history"] == rank1["history"]  # the logged loss is the mean over ranks
     assert torch.equal(rank0["vectors"], rank1["vectors"])
-    assert rank0["synced_numels"] == [2 * 32] * 6
+    assert rank0["synced_numels"] == [2 * 32] * 6  # one all-reduce per step, num_vectors x dim values
     report = json.loads((out / "report.json").read_text())
     assert report["stopped_early"]["step"] == 6 and report["best"]["step"] == 2
 

@@ -82,7 +82,7 @@ def test_sigkill_at_any_moment_leaves_only_loadable_files(tiny_pipeline, concept
     argv = train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "100000", "--save_steps", "1",
                       "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
     checked = 0
-    for delay in (0.0, 0.013, 0.029, 0.047):
+    for delay in (0.0, 0.019, 0.041):  # each round is a fresh process (~9 s here)
         proc = start_cli([*argv, "--resume_from_checkpoint", "latest"])
         wait_for(out / "learned_embeds-steps-*.safetensors", proc)
         time.sleep(delay)
@@ -91,7 +91,7 @@ def test_sigkill_at_any_moment_leaves_only_loadable_files(tiny_pipeline, concept
         checked += all_outputs_load(out)
         for stale in out.glob("learned_embeds-steps-*"):
             stale.unlink()  # so the next round waits for fresh saves
-    assert checked > 8
+    assert checked > 6
 
 
 def test_sigint_saves_prints_the_resume_command_and_resumes_exactly(tiny_pipeline, concept_dir, tmp_path,
@@ -187,9 +187,9 @@ def concept_with_captions_masks_and_sizes(folder: Path) -> list[str]:
             "--caption_dropout_rate", "0.5"]
 
 
-@pytest.mark.parametrize("features", [False, True], ids=["plain", "captions-masks-buckets-snr"])
-def test_two_process_resume_is_bit_identical(tiny_pipeline, concept_dir, tmp_path, features):
-    extra_flags = concept_with_captions_masks_and_sizes(concept_dir) if features else []
+def test_two_process_resume_is_bit_identical(tiny_pipeline, concept_dir, tmp_path):
+    """With every input feature on (the plain path's resume is the in-process tests'; each launch costs ~15 s)."""
+    extra_flags = concept_with_captions_masks_and_sizes(concept_dir)
 
     def run(out: Path, results: Path, *extra: str) -> dict:
         results.mkdir()
