@@ -243,16 +243,21 @@ MASKED_LOSS_FLAGS = ("unmasked_weight", "unmasked_probability", "normalize_maske
                      "masked_prior_preservation_weight")
 
 
+def outside_unit_interval(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """The first of these weights or probabilities (None: not given) that is not in [0, 1]."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            return f"--{name} must be between 0 and 1 (got {value})"
+    return None
+
+
 def validate_masked_loss(args: argparse.Namespace) -> str | None:
     """The masked-loss options need masks, and their weights and probability lie in [0, 1]."""
     given = [name for name in MASKED_LOSS_FLAGS if getattr(args, name) is not None]
     if given and not (args.alpha_mask or args.mask_dir):
         return f"--{given[0]} shapes the loss outside a mask, and there are none: add --alpha_mask or --mask_dir"
-    for name in ("unmasked_weight", "unmasked_probability", "masked_prior_preservation_weight"):
-        value = getattr(args, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            return f"--{name} must be between 0 and 1 (got {value})"
-    return None
+    return outside_unit_interval(args, ("unmasked_weight", "unmasked_probability", "masked_prior_preservation_weight"))
 
 
 def validate_args(args: argparse.Namespace) -> str | None:
@@ -280,9 +285,7 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return problem
     if args.caption_extension is not None and not args.caption_extension.strip("."):
         return f"--caption_extension {args.caption_extension!r} is empty: give e.g. .txt"
-    if not 0.0 <= args.caption_dropout_rate <= 1.0:
-        return f"--caption_dropout_rate must be between 0 and 1 (got {args.caption_dropout_rate})"
-    problem = validate_buckets(args)
+    problem = outside_unit_interval(args, ("caption_dropout_rate",)) or validate_buckets(args)
     if problem:
         return problem
     if args.validation_epochs is not None and args.validation_epochs < 1:

@@ -23,7 +23,7 @@ from make_tiny_pipeline import build_tiny_pipeline  # noqa: E402
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they will
 def pytest_collection_modifyitems(config, items):
     """Start the GPU check's dry run (minutes of child processes) now if a test to run reads it: see DryRun."""
-    if any("dry_run" in getattr(item, "fixturenames", ()) for item in items):
+    if not config.option.collectonly and any("dry_run" in getattr(item, "fixturenames", ()) for item in items):
         import test_gpu_check
 
         test_gpu_check.started = test_gpu_check.DryRun()

@@ -49,18 +49,31 @@ class DryRun:
 
     def stop(self) -> None:
         """For a session that collected the tests reading it and then ran none of them: the parts run in sessions
-        of their own, so the whole tree is killed, found through /proc."""
-        tree, parents = [self.proc.pid], {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-        for pid in tree:
-            tree += parents.get(pid, [])
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        of their own, so the whole tree is killed, found through /proc (again, until none is left)."""
+        while tree := self.tree():
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.poll()
+            time.sleep(0.05)
         self.proc.communicate()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def tree(self) -> list[int]:
+        """The live processes of the run: its own, if still running, and their descendants."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":  # a zombie is dead already, waiting for its parent
+                    children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        tree = [self.proc.pid] if self.proc.poll() is None else []
+        pending = [self.proc.pid]
+        while pending:
+            kids = children.get(pending.pop(), [])
+            tree += kids
+            pending += kids
+        return tree
 
     def result(self):
         stdout, stderr = self.proc.communicate(timeout=gpu_check.TOTAL_S["dry"] + 60)
@@ -86,6 +99,7 @@ def parts(report: dict) -> dict:
     return {p["name"]: p for p in report["parts"]}
 
 
+@pytest.mark.slow
 def test_dry_run_with_an_empty_compile_cache_passes_within_its_time_though_rows_overran(dry_run):
     proc, wall, report, _, cache = dry_run
     assert wall < gpu_check.TOTAL_S["dry"] + 10, proc.stdout  # the check's own cap holds (wheel install included)
@@ -103,6 +117,7 @@ def test_dry_run_with_an_empty_compile_cache_passes_within_its_time_though_rows_
     assert "finished: passed; not ok, not fatal: sd15_bf16, sd15_bf16_compile;" in proc.stdout
 
 
+@pytest.mark.slow
 def test_an_overrun_part_is_recorded_and_the_parts_after_it_still_run(dry_run):
     proc, _, report, _, _ = dry_run
     names = gpu_check.PART_NAMES
@@ -117,6 +132,7 @@ def test_an_overrun_part_is_recorded_and_the_parts_after_it_still_run(dry_run):
     assert after and all(p["status"] == "ok" and p["result"]["step_s"] > 0 for p in after)
 
 
+@pytest.mark.slow
 def test_every_part_prints_where_it_is(dry_run):
     proc, _, report, _, _ = dry_run
     total = gpu_check.TOTAL_S["dry"]
@@ -129,6 +145,7 @@ def test_every_part_prints_where_it_is(dry_run):
                          proc.stdout)
 
 
+@pytest.mark.slow
 def test_cuda_tests_are_collected_and_skipped_on_the_cpu(dry_run):
     _, _, report, _, _ = dry_run
     counts = parts(report)["tests"]["result"]
@@ -136,6 +153,7 @@ def test_cuda_tests_are_collected_and_skipped_on_the_cpu(dry_run):
     assert counts["skipped"] >= 10  # tests/test_cuda.py's, found through the marker
 
 
+@pytest.mark.slow
 def test_each_row_reports_step_floor_ratio_peak_memory_and_startup(dry_run):
     _, _, report, _, _ = dry_run
     for row in gpu_check.ROWS:
@@ -157,6 +175,7 @@ def test_each_row_reports_step_floor_ratio_peak_memory_and_startup(dry_run):
         assert built["params"] > 1e6 and built["bytes"] > built["params"]  # 2 bytes each at least (bf16)
 
 
+@pytest.mark.slow
 def test_markdown_report_shows_every_part_and_the_numbers(dry_run):
     _, _, report, md, cache = dry_run
     assert md.startswith("# GPU check, dry run")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,6 +24,7 @@ def launch(args: list[str], **env: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_pipeline, concept_dir, tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     results.mkdir()
@@ -37,6 +39,7 @@ def test_two_sdxl_ranks_sync_both_encoders_vectors_in_one_all_reduce(tiny_sdxl_p
         assert torch.equal(rank0["embeds"][key], rank1["embeds"][key]) and torch.equal(saved[key], rank0["embeds"][key])
 
 
+@pytest.mark.slow
 def test_two_flux_ranks_sync_the_learning_vectors_only(tiny_flux_pipeline, concept_dir, tmp_path):
     """CLIP-L's and T5's vectors (two AdamW groups) in one all-reduce, and nothing else."""
     out, results = tmp_path / "out", tmp_path / "results"
@@ -75,6 +78,7 @@ def test_two_ranks_sync_only_the_vectors_agree_and_stop_early_together(tiny_pipe
     assert report["stopped_early"]["step"] == 6 and report["best"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_two_ranks_on_a_single_file_agree_with_the_file(tiny_sd15_layout_pipeline, concept_dir, tmp_path):
     """Both ranks load the original-layout file (through from_single_file) and train the same vectors."""
     from original_layout import sd_pipeline_to_original

@@ -77,6 +77,7 @@ def test_sigkill_then_resume_latest_equals_the_run_left_alone(tiny_pipeline, con
     assert torch.equal(resumed.vectors, whole.vectors)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_only_loadable_files(tiny_pipeline, concept_dir, tmp_path):
     out = tmp_path / "out"
     argv = train_argv(tiny_pipeline, concept_dir, out, "--max_train_steps", "100000", "--save_steps", "1",
@@ -115,6 +116,7 @@ def test_sigint_saves_prints_the_resume_command_and_resumes_exactly(tiny_pipelin
     assert resumed.first_step == step and torch.equal(resumed.vectors, whole.vectors)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tiny_pipeline, concept_dir, tmp_path):
     out = tmp_path / "out"
     # 64 micro-batches a step (--repeats fills the epoch), so the second signal lands while the step still runs.
@@ -149,6 +151,7 @@ def test_nan_loss_stops_keeps_last_good_vectors_and_says_what_to_do(run_training
     assert torch.isfinite(kept).all()
 
 
+@pytest.mark.slow
 def test_a_failing_rank_takes_the_others_down(tiny_pipeline, concept_dir, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
@@ -220,6 +223,7 @@ def test_resume_with_captions_masks_buckets_and_snr_is_bit_identical(run_trainin
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history[4:]]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_two_process_run_stops_both_at_one_step_with_one_checkpoint(tiny_pipeline, concept_dir, tmp_path):
     """Ctrl-C reaches the launcher and both ranks (the terminal signals the whole process group)."""
     import re
