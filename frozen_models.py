@@ -479,10 +479,13 @@ def cast_to_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
                                 skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + skip_patterns(model))
 
 
-def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """cast_to_fp8, with the backward pass upcasting again instead of keeping the copies (Fp8SavedWeights)."""
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> Fp8SavedWeights:
+    """cast_to_fp8, with the backward pass upcasting again instead of keeping the copies; returns the
+    Fp8SavedWeights installed, which gradient checkpointing's recompute needs too (fp8_recompute)."""
     cast_to_fp8(model, compute_dtype)
-    Fp8SavedWeights(model).install(model)
+    saved = Fp8SavedWeights(model)
+    saved.install(model)
+    return saved
 
 
 @functools.cache
@@ -524,15 +527,18 @@ def store_in_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: tor
 
 
 def store_base_weights(model: torch.nn.Module, base_weight_dtype: str, compute_dtype: torch.dtype,
-                       device: torch.device) -> None:
+                       device: torch.device) -> Fp8SavedWeights | None:
     """--base_weight_dtype: a large frozen model's weights in 8 or 4 bits, computed in the compute dtype, then on
     the device. Stored so on the host first: moved in the compute dtype first, Flux's transformer would need its
-    23.8 GB of bf16 on the GPU for a moment, and not fit the 24 GB card that fp8 and nf4 are for."""
+    23.8 GB of bf16 on the GPU for a moment, and not fit the 24 GB card that fp8 and nf4 are for. Returns fp8's
+    saved-weight hooks (None for nf4); moving keeps the parameters they hold, only their data moves."""
+    saved = None
     if base_weight_dtype == "fp8":
-        store_in_fp8(model, compute_dtype)
+        saved = store_in_fp8(model, compute_dtype)
     else:
         store_in_nf4(model, compute_dtype, device)
     model.to(device)  # dtypes kept: the fp8 weights stay fp8, the nf4 layers are there already
+    return saved
 
 
 def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: torch.dtype) -> None:
@@ -541,12 +547,13 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
     `unet` is the denoiser, UNet or transformer."""
     base_weight_dtype = getattr(args, "base_weight_dtype", None)
     large = large_frozen_models(text_encoders, unet) if base_weight_dtype else []
+    fp8_saved = {}  # id(model): the Fp8SavedWeights it was stored with
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
         dtype = vae_dtype_for(weight_dtype, vae) if model is vae else weight_dtype
         if any(model is m for m in large):
             model.to(dtype=dtype)
-            store_base_weights(model, base_weight_dtype, weight_dtype, accelerator.device)
+            fp8_saved[id(model)] = store_base_weights(model, base_weight_dtype, weight_dtype, accelerator.device)
         else:
             model.to(accelerator.device, dtype=dtype)
     checkpointing = args.gradient_checkpointing
@@ -557,12 +564,10 @@ def freeze_and_place(accelerator, args, text_encoders, vae, unet, weight_dtype: 
         if checkpointing:
             enable_activation_checkpointing(text_encoder)
     if checkpointing:
-        recompute = None
-        if base_weight_dtype == "fp8":
-            # The recompute's dtypes are not checked against the forward's (a saved weight is fp8 by reference,
-            # bf16 when used): the vectors train bit for bit as without checkpointing (tests/test_base_weights.py).
-            recompute = fp8_recompute(Fp8SavedWeights(unet))
-        unet.enable_gradient_checkpointing(recompute)
+        # With fp8, the recompute's dtypes are not checked against the forward's (a saved weight is fp8 by reference,
+        # bf16 when used): the vectors train bit for bit as without checkpointing (tests/test_base_weights.py).
+        saved = fp8_saved.get(id(unet))
+        unet.enable_gradient_checkpointing(None if saved is None else fp8_recompute(saved))
         unet.train()
     if args.enable_xformers_memory_efficient_attention:  # otherwise PyTorch SDPA, diffusers' default
         unet.enable_xformers_memory_efficient_attention()
