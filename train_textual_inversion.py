@@ -28,7 +28,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,9 +60,11 @@ FLOW_WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"
 
 
 # ---- Command line ----------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Textual inversion: learn a new word for a concept from a few images.")
-    a = p.add_argument
+AddArgument = Callable[..., argparse.Action]  # a parser's add_argument: each *_flags function adds its own
+
+
+def model_flags(a: AddArgument) -> None:
+    """Where the frozen model comes from: a pipeline folder or hub id, a single file, a transformer file."""
     a("--pretrained_model_name_or_path", required=True,
       help="Diffusers pipeline folder or hub id, or a single-file SD 1.x/2.x/XL checkpoint (.safetensors, .ckpt).")
     a("--single_file_config", default=None,
@@ -73,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--revision", default=None, help="Revision of the hub model.")
     a("--variant", default=None, help="Weight variant, e.g. fp16.")
     a("--tokenizer_name", default=None, help="Tokenizer folder or id, if not the pipeline's own.")
-    # concept
+
+
+def concept_flags(a: AddArgument) -> None:
+    """The concept: its images, the new word, how it starts, the prompts around it, how the images are cropped and
+    masked."""
     a("--train_data_dir", required=True, help="Folder with the 3-5 (or more) images of the concept.")
     a("--placeholder_token", required=True, help='The new pseudo-word, e.g. "<cat-toy>". Must be new to the tokenizer.')
     a("--initializer_token", default=None,
@@ -100,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha_mask", action="store_true", help="Weight the loss by each image's alpha channel (kohya's flag).")
     a("--mask_dir", default=None,
       help="Folder of grayscale masks, one per image with its file stem: white counts in the loss, black does not.")
-    # What the loss does outside a mask, with OneTrainer's names (None: masked_loss_options fills the default).
+
+
+def masked_loss_flags(a: AddArgument) -> None:
+    """What the loss does outside a mask, with OneTrainer's names (None: masked_loss_options fills the default)."""
     a("--unmasked_weight", type=float, default=None,
       help="Loss weight outside the mask, 0-1 (OneTrainer's name; default 0: the background is not trained on).")
     a("--unmasked_probability", type=float, default=None,
@@ -112,12 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
       help="Outside the mask, pull the prediction towards the frozen model's with the initializer in place of the "
            "word, with this weight, 0-1 (default 1 with masks; 0 is the object alone; one extra forward pass "
            "without gradient per masked sample).")
+
+
+def bucket_flags(a: AddArgument) -> None:
+    """Aspect-ratio buckets, with kohya's names."""
     a("--enable_bucket", action="store_true",
       help="Aspect-ratio buckets: each image keeps its shape (about --resolution^2 pixels) instead of a square.")
     a("--min_bucket_reso", type=int, default=256, help="Smallest bucket side (with --enable_bucket).")
     a("--max_bucket_reso", type=int, default=1024, help="Largest bucket side (with --enable_bucket).")
     a("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this (with --enable_bucket).")
-    # optimisation
+
+
+def optimisation_flags(a: AddArgument) -> None:
+    """Steps, batches, the learning rate, the loss weighting."""
     a("--train_batch_size", type=int, default=16, help="Batch size per device.")
     a("--num_train_epochs", type=int, default=100, help="Used only if --max_train_steps is 0.")
     a("--max_train_steps", type=int, default=5000, help="Total optimizer steps; overrides --num_train_epochs.")
@@ -138,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_grad_norm", type=float, default=None, help="Clip the placeholder vectors' gradient norm (off by default).")
     a("--snr_gamma", type=float, default=None,
       help="Min-SNR loss weighting with this gamma (5.0 is usual); off by default. SD 1.x/2.x/XL only.")
-    # SD 3/3.5 and Flux.1 (flow matching); diffusers' flags from its SD3 and Flux training scripts.
+
+
+def flow_flags(a: AddArgument) -> None:
+    """SD 3/3.5 and Flux.1 (flow matching); diffusers' flags from its SD3 and Flux training scripts."""
     a("--text_encoders", type=text_encoder_names, default=None,
       help="Which text encoders learn the word, comma-separated: SDXL clip_l,clip_g; SD3 clip_l,clip_g,t5; Flux "
            "clip_l,t5. Default: all of them (the others keep the initializer's vectors). See the README.")
@@ -155,9 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' timestep density.")
     a("--guidance_scale", type=float, default=3.5,
       help="Flux-dev's guidance embedding during training (guidance-distilled models only; diffusers' default).")
+
+
+def noise_flags(a: AddArgument) -> None:
+    """The noise, and the seed that every draw of a run comes from."""
     a("--noise_offset", type=float, default=0.0, help="diffusers' noise offset (e.g. 0.05); 0 is off.")
     a("--seed", type=int, default=None, help="Seed for a reproducible run (a random one is drawn and logged if unset).")
-    # hardware
+
+
+def hardware_flags(a: AddArgument) -> None:
+    """Precision, 8- and 4-bit frozen weights, memory and speed options."""
     a("--mixed_precision", default="no", help="no, fp16 or bf16; frozen weights run in it, the vectors stay fp32.")
     a("--base_weight_dtype", default=None, choices=BASE_WEIGHT_DTYPES,
       help="Store the large frozen weights (UNet or transformer, and T5) in 8 bits (fp8: float8_e4m3fn, upcast per "
@@ -172,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="Encode the images with the VAE every step instead of once at start-up (same distribution, slower).")
     a("--compile_unet", action="store_true", help="torch.compile the frozen UNet (slow first steps; see benchmarks/).")
     a("--local_rank", type=int, default=-1, help="Ignored; accepted for torch.distributed.launch compatibility.")
-    # outputs
+
+
+def output_flags(a: AddArgument) -> None:
+    """What is written, when, and which step is kept (validation, CLIP scores, early stopping, the norm controls)."""
     a("--output_dir", default="text-inversion-model", help="Where learned_embeds, checkpoints and logs go.")
     a("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N every N steps.")
     a("--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the new token.")
@@ -208,10 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="Weight of an L2 pull of the vectors toward their initial values (the paper's code); 0 is off.")
     a("--validation_epochs", type=int, default=None,
       help="Deprecated (as in diffusers): sets --validation_steps to this x images x --repeats.")
-    # diffusers' hub flags: accepted so their command lines fail with a clear reason, not "unrecognized argument".
+
+
+def hub_flags(a: AddArgument) -> None:
+    """diffusers' hub flags: accepted so their command lines fail with a clear reason, not "unrecognized argument"."""
     a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
     a("--hub_token", default=None, help=argparse.SUPPRESS)
     a("--hub_model_id", default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Textual inversion: learn a new word for a concept from a few images.")
+    for add_flags in (model_flags, concept_flags, masked_loss_flags, bucket_flags, optimisation_flags, flow_flags,
+                      noise_flags, hardware_flags, output_flags, hub_flags):  # in --help's order
+        add_flags(p.add_argument)
     return p
 
 
