@@ -1468,6 +1468,17 @@ def checkpoints_to_remove(checkpoints: Sequence[tuple[int, Path]], total_limit: 
     return [path for _, path in checkpoints[: len(checkpoints) - total_limit + 1]]
 
 
+def identity_of_run(placeholder_token: str, num_vectors: int, source: ModelSource, text_encoders: Sequence[str] | None,
+                    initial_embeddings: str | None) -> dict:
+    """What a checkpoint must match to be resumed by this run: the word, its vectors, the model, who learns it."""
+    identity = {"placeholder_token": placeholder_token, "num_vectors": num_vectors, **source.identity(),
+                # null: all of the model's (also what checkpoints from before the flag hold)
+                "text_encoders": ",".join(text_encoders) if text_encoders else None}
+    if initial_embeddings:  # only then, so checkpoints from before the flag still match
+        identity["initial_embeddings"] = str(Path(initial_embeddings).expanduser().resolve())
+    return identity
+
+
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
     """'latest' -> newest complete checkpoint in output_dir (None if there is none); an existing folder -> that
     folder; any other name -> that name inside output_dir, as diffusers resolves
@@ -2486,12 +2497,8 @@ def main(args: argparse.Namespace) -> TrainResult | None:
     # Where the weights are (a folder, hub id or file: read from keys and configs, no weights yet).
     source = find_model_source(args.pretrained_model_name_or_path, args.revision, args.variant,
                                args.single_file_config, args.transformer_file)
-    run_identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
-                    **source.identity(),
-                    # null: all of the model's (also what checkpoints from before the flag hold)
-                    "text_encoders": ",".join(args.text_encoders) if args.text_encoders else None}
-    if args.initial_embeddings:  # only then, so checkpoints from before the flag still match
-        run_identity["initial_embeddings"] = str(Path(args.initial_embeddings).expanduser().resolve())
+    run_identity = identity_of_run(args.placeholder_token, args.num_vectors, source, args.text_encoders,
+                                   args.initial_embeddings)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     resumed = load_checkpoint(resume_path, run_identity) if resume_path else None
     seed = resumed[0]["seed"] if resumed else agree_on_seed(accelerator, args.seed)
